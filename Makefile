@@ -1,0 +1,40 @@
+# `make test` and `make bench` do all set-up from a fresh clone: the venv in .venv, the pinned
+# torch, the test dependencies, the extension build; then they run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# nvcc here has no GPU to ask for its architecture: compile the CUDA sources for A100 and H100.
+CUDA_HOME ?= $(wildcard /usr/local/cuda-13.0)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+MAX_JOBS ?= $(shell nproc)
+export MAX_JOBS
+
+SOURCES := setup.py $(shell grep -v '^\#' csrc/sources.txt) $(wildcard csrc/*.h csrc/*/*.h csrc/*/*.cuh)
+
+.PHONY: test bench build venv clean
+
+test: build
+	$(PY) -m pytest tests
+
+bench: build
+	$(PY) -m bench
+
+build: $(VENV)/.built
+
+venv: $(VENV)/.deps
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build $(VENV) *.egg-info stochdepth_kernels/*.so

@@ -1,0 +1,60 @@
+"""The backends of the op and how ``backend="auto"`` picks one.
+
+Each backend is the same three callables with the ops' signatures: the native ``stochdepth::`` ops
+(dispatched on the tensors' device) or the pure-PyTorch reference (any device, autograd by PyTorch).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from stochdepth_kernels import reference
+from stochdepth_kernels.ops import ops
+
+BACKEND_ENV = "STOCHDEPTH_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...] | None  # None: every device
+    drop_path_add: Callable
+    drop_path: Callable
+
+    def runs_on(self, device: torch.device) -> bool:
+        return self.device_types is None or device.type in self.device_types
+
+
+BACKENDS = {
+    "cpu": Backend("cpu", ("cpu",), ops.drop_path_add.default, ops.drop_path.default),
+    "reference": Backend("reference", None, reference.drop_path_add, reference.drop_path),
+}
+# Fastest first: "auto" takes the first that runs on the device.
+AUTO_ORDER = ("cpu", "reference")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that run on ``device``, fastest first."""
+    device = torch.device(device)
+    return [name for name in AUTO_ORDER if BACKENDS[name].runs_on(device)]
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend called ``name`` (``"auto"``: ``$STOCHDEPTH_BACKEND`` if set, else the fastest
+    available on ``device``), checked to run on ``device``."""
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV, "auto")
+        source = f"{BACKEND_ENV}={name!r}"
+        if name == "auto":
+            return BACKENDS[available_backends(device)[0]]
+    else:
+        source = f"backend={name!r}"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {source}")
+    backend = BACKENDS[name]
+    if not backend.runs_on(device):
+        raise ValueError(f"{source} cannot run tensors on {device}; available there: {available_backends(device)}")
+    return backend

@@ -1,0 +1,48 @@
+"""The public functions: validate, draw the call's seed, hand over to a backend."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from stochdepth_kernels import validation
+from stochdepth_kernels.backends import available_backends, resolve_backend
+from stochdepth_kernels.seeding import call_seed
+
+__all__ = ["available_backends", "drop_path", "fused_drop_path_add"]
+
+
+def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True, mode: str = "row",
+                        scale_by_keep: bool = True, activation: str | None = None, generator=None,
+                        seed=None, backend: str = "auto") -> Tensor:
+    """``act(residual + mask_b * s * x)`` with one Bernoulli(1 - p) coin per sample (``mode="row"``)
+    or per batch (``mode="batch"``), ``s = 1/(1 - p)`` if ``scale_by_keep`` else 1.
+
+    Eval (``training=False``) or ``p == 0``: ``act(residual + c * x)``, ``c = 1`` if ``scale_by_keep``
+    else ``1 - p``. A dropped row never reads ``x``. ``p`` is a float or a 0-d tensor; ``seed`` (an
+    int in [0, 2**63) or a 1-element int64 tensor) replaces the seed drawn from ``generator`` (else
+    the default generator of x's device). Output dtype ``torch.result_type(x, residual)``, memory
+    format of ``residual``. ``activation``: None or ``"relu"``. ``backend``: ``"auto"``, ``"cpu"``
+    or ``"reference"``.
+    """
+    validation.check_pair(x, residual)
+    p_tensor = validation.probability_tensor(p, x.device)
+    validation.check_choice(mode, "mode", validation.MODES)
+    validation.check_choice(activation, "activation", validation.ACTIVATIONS)
+    impl = resolve_backend(backend, x.device)
+    seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
+    return impl.drop_path_add(x, residual, seed_t, p_tensor, training, mode, scale_by_keep, activation == "relu")
+
+
+def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_by_keep: bool = True,
+              generator=None, seed=None, backend: str = "auto") -> Tensor:
+    """``mask_b * s * x``, the unary form for models that compute ``x + drop_path(f(x))``; the
+    semantics of :func:`fused_drop_path_add` without the residual. A dropped row is 0 without
+    reading ``x``. Like timm's ``drop_path``, it returns ``x`` itself when no coin is drawn and the
+    factor is 1 (eval or ``p == 0`` with ``scale_by_keep``)."""
+    validation.check_input(x, "x")
+    p_tensor = validation.probability_tensor(p, x.device)
+    validation.check_choice(mode, "mode", validation.MODES)
+    impl = resolve_backend(backend, x.device)
+    seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
+    if seed_t is None and scale_by_keep:
+        return x
+    return impl.drop_path(x, seed_t, p_tensor, training, mode, scale_by_keep)

@@ -1,0 +1,124 @@
+"""The contract of DESIGN.md in pure PyTorch: the ground truth every kernel is checked against and the
+fallback on devices without a native kernel.
+
+The functions below take the same arguments as the ``stochdepth::`` ops, so a backend is a table of
+three callables. Philox4x32-10 runs on int64 tensors holding uint32 words, on any device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+# Triton's uint_to_uniform_float scale for 32 bits: (2**23 - 1) / 2**23 * 2**-31, so the largest
+# folded value maps below 1.0 in float32.
+UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of the 64-bit product of the constant ``a`` and the words ``b``.
+
+    int64 cannot hold a 64-bit product, so ``b`` is split into 16-bit halves (each partial product
+    stays below 2**48).
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    high_part, low_part = a * b_hi, a * b_lo
+    hi = (high_part + (low_part >> 16)) >> 16
+    lo = (((high_part & 0xFFFF) << 16) + low_part) & MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor, Tensor]):
+    """Ten Philox4x32 rounds; words are int64 tensors holding values in [0, 2**32)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform_float(bits: Tensor) -> Tensor:
+    """Triton's uint32 -> float32 in [0, 1): fold the int32 reading onto [0, 2**31), then scale."""
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=bits.device)
+
+
+def philox_uniform(seed: Tensor, counter: Tensor) -> Tensor:
+    """``tl.rand(seed, counter)``: float32 uniforms for int64 ``counter`` under a 1-element int64 seed."""
+    seed = seed.reshape(())
+    key = (seed & MASK32, (seed >> 32) & MASK32)
+    zero = torch.zeros_like(counter)
+    words = philox4x32_10((counter & MASK32, (counter >> 32) & MASK32, zero, zero), key)
+    return uint32_to_uniform_float(words[0])
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_factors(seed: Tensor | None, batch: int, p: Tensor, training: bool, mode: str,
+                scale_by_keep: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The factor multiplying x in each of ``batch`` rows (0 for a dropped row), in ``dtype``."""
+    p_value = float(p)
+    keep = 1.0 - p_value
+    if not (training and p_value > 0.0):
+        return torch.full((batch,), 1.0 if scale_by_keep else keep, dtype=dtype, device=device)
+    if seed is None:
+        raise ValueError("seed must be given when training with p > 0")
+    counter = torch.arange(batch, dtype=torch.int64, device=device)
+    if mode == "batch":
+        counter = torch.zeros_like(counter)
+    kept = philox_uniform(seed.to(device), counter) < torch.tensor(keep, dtype=torch.float32)
+    kept_factor = 1.0 / keep if scale_by_keep and keep > 0.0 else 1.0
+    return torch.where(kept, kept_factor, 0.0).to(dtype)
+
+
+def _broadcast_rows(factors: Tensor, like: Tensor) -> Tensor:
+    return factors.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def drop_path_add(x: Tensor, residual: Tensor, seed: Tensor | None, p: Tensor, training: bool,
+                  mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
+    """``act(residual + factor_b * x)``; a dropped row is exactly ``act(residual)``."""
+    out_dtype = torch.result_type(x, residual)
+    acc = _accumulate_dtype(out_dtype)
+    factors = row_factors(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
+    f = _broadcast_rows(factors, x)
+    r = residual.to(acc)
+    value = torch.where(f == 0, r, r + f * x.to(acc))
+    if relu:
+        value = torch.relu(value)
+    return torch.empty_like(residual, dtype=out_dtype).copy_(value)
+
+
+def drop_path(x: Tensor, seed: Tensor | None, p: Tensor, training: bool, mode: str,
+              scale_by_keep: bool, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``factor_b * x``; a dropped row is exactly 0."""
+    out_dtype = out_dtype or x.dtype
+    acc = _accumulate_dtype(torch.promote_types(x.dtype, out_dtype))
+    factors = row_factors(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
+    f = _broadcast_rows(factors, x)
+    value = torch.where(f == 0, 0.0, f * x.to(acc))
+    return torch.empty_like(x, dtype=out_dtype).copy_(value)
+
+
+def drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Tensor | None, p: Tensor,
+                                training: bool, mode: str, scale_by_keep: bool,
+                                x_dtype: torch.dtype, residual_dtype: torch.dtype):
+    """``(grad_x, grad_residual)`` of ``relu(residual + factor_b * x)`` given its output."""
+    acc = _accumulate_dtype(out.dtype)
+    factors = row_factors(seed, out.shape[0], p, training, mode, scale_by_keep, acc, out.device)
+    f = _broadcast_rows(factors, out)
+    grad_residual = torch.where(out <= 0, 0.0, grad.to(acc))
+    grad_x = torch.where(f == 0, 0.0, f * grad_residual)
+    return (torch.empty_like(out, dtype=x_dtype).copy_(grad_x),
+            torch.empty_like(out, dtype=residual_dtype).copy_(grad_residual))

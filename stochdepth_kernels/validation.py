@@ -1,0 +1,84 @@
+"""Argument checks of the public functions: each error names the argument and the value it got."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+MODES = ("row", "batch")
+ACTIVATIONS = (None, "relu")
+MAX_SEED = 2**63
+
+
+def check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_input(t, name: str) -> None:
+    """A floating-point tensor with a batch dimension."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (dim >= 1), got a 0-d tensor")
+
+
+def check_pair(x: Tensor, residual: Tensor) -> None:
+    check_input(x, "x")
+    check_input(residual, "residual")
+    if x.shape != residual.shape:
+        raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
+    if x.device != residual.device:
+        raise ValueError(f"x and residual must be on the same device, got {x.device} and {residual.device}")
+
+
+def _check_probability_value(value: float) -> None:
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {value}")
+
+
+def probability_tensor(p, device: torch.device) -> Tensor:
+    """``p`` as the 0-d tensor the ops take. A Python number becomes a CPU float64 tensor; a tensor
+    may live on the CPU or on ``device``. Values on an accelerator are not checked (that would
+    synchronise)."""
+    if isinstance(p, Tensor):
+        if p.numel() != 1 or not p.is_floating_point():
+            raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {p.dtype} tensor of shape {tuple(p.shape)}")
+        if p.device.type != "cpu" and p.device != device:
+            raise ValueError(f"p must be on the CPU or on {device}, got a tensor on {p.device}")
+        if p.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_probability_value(float(p))
+        return p.reshape(())
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {type(p).__name__}")
+    _check_probability_value(float(p))
+    return torch.tensor(float(p), dtype=torch.float64)
+
+
+def is_zero(p) -> bool:
+    """True when ``p`` is known on the host to be 0 (no coin needs drawing)."""
+    return not isinstance(p, Tensor) and float(p) == 0.0
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise TypeError(f"seed must be an int or a 1-element int64 tensor, got {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a 1-element int64 tensor, got {type(seed).__name__}")
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator must be on the device of x ({device.type}), got a generator on {generator.device}")
