@@ -79,7 +79,7 @@ def row_factors(seed: Tensor | None, batch: int, p: Tensor, training: bool, mode
         counter = torch.zeros_like(counter)
     kept = philox_uniform(seed.to(device), counter) < torch.tensor(keep, dtype=torch.float32)
     kept_factor = 1.0 / keep if scale_by_keep and keep > 0.0 else 1.0
-    return torch.where(kept, kept_factor, 0.0).to(dtype)
+    return torch.full((batch,), kept_factor, dtype=dtype, device=device).masked_fill(~kept, 0.0)
 
 
 def _broadcast_rows(factors: Tensor, like: Tensor) -> Tensor:

@@ -1,0 +1,69 @@
+"""What every test compares with: random inputs in every layout, and one comparison that explains
+its failures."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LAYOUTS = ("contiguous", "strided", "channels_last", "batch_inner")
+# A drop probability of each kind: none, small, half, all.
+PROBABILITIES = (0.0, 0.1, 0.5, 1.0)
+
+
+def random_tensor(shape, dtype=torch.float32, layout="contiguous", device="cpu", generator=None) -> Tensor:
+    """Standard-normal values (never zeros) in ``layout``:
+    contiguous; strided (every other column of a wider tensor, not dense); channels_last (4-d);
+    batch_inner (dense, but the batch dimension has the smallest stride)."""
+    shape = tuple(shape)
+    if layout == "strided":
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, device=device).to(dtype)
+        return wide[..., ::2]
+    values = torch.randn(shape, generator=generator, device=device).to(dtype)
+    if layout == "contiguous":
+        return values
+    if layout == "channels_last":
+        return values.contiguous(memory_format=torch.channels_last)
+    if layout == "batch_inner":
+        return values.movedim(0, -1).contiguous().movedim(-1, 0)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """One rounding of the output dtype: a fused multiply-add may round once where the reference
+    rounds twice, which can move the result across one rounding boundary of ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": eps, "atol": 4 * eps}
+
+
+def assert_matches(actual: Tensor, expected: Tensor, name: str = "output", *, exact: bool = False) -> None:
+    """``actual`` equals ``expected`` (bit for bit if ``exact``, else within :func:`tolerance`), with
+    the same shape, dtype and NaN/Inf positions. A failure reports how many elements differ, the
+    first indices and values, and where NaN/Inf appear on one side only."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    problems = []
+    for label, test in (("NaN", torch.isnan), ("Inf", torch.isinf)):
+        only_actual, only_expected = test(a) & ~test(e), test(e) & ~test(a)
+        if only_actual.any() or only_expected.any():
+            problems.append(f"{label} only in actual at {only_actual.nonzero()[:5].tolist()}, "
+                            f"only in expected at {only_expected.nonzero()[:5].tolist()}")
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    if exact:
+        close = a == e
+    else:
+        tol = tolerance(actual.dtype)
+        close = (a - e).abs() <= tol["atol"] + tol["rtol"] * e.abs()
+    bad = finite & ~close
+    if bad.any():
+        where = bad.nonzero()[:5]
+        pairs = [(tuple(i.tolist()), a[tuple(i)].item(), e[tuple(i)].item()) for i in where]
+        problems.append(f"{int(bad.sum())}/{a.numel()} elements differ "
+                        f"({'exactly' if exact else tolerance(actual.dtype)}); first (index, actual, expected): {pairs}")
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def kept_rows(dropped_output: Tensor) -> Tensor:
+    """The keep mask read off ``drop_path`` of a tensor with no zeros: a row is kept iff it is nonzero."""
+    return (dropped_output.flatten(1) != 0).any(dim=1)

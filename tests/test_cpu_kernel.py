@@ -1,0 +1,171 @@
+"""The fused CPU kernel against the reference: outputs, masks, gradients, opcheck."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor
+from stochdepth_kernels import drop_path, fused_drop_path_add
+from stochdepth_kernels.ops import ops
+
+SHAPE = (7, 3, 5, 6)  # odd sizes: no row is a multiple of a vector width
+
+
+def run_both(fn, *args, **kwargs):
+    return fn(*args, backend="cpu", **kwargs), fn(*args, backend="reference", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", PROBABILITIES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_forward_matches_reference(dtype, layout, p, training, mode, activation):
+    x, residual = random_tensor(SHAPE, dtype, layout), random_tensor(SHAPE, dtype, layout)
+    out, expected = run_both(fused_drop_path_add, x, residual, p, training=training, mode=mode,
+                             activation=activation, seed=2**33 + 5)
+    assert_matches(out, expected)
+    assert out.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("x_layout, r_layout", [("contiguous", "channels_last"), ("channels_last", "strided"),
+                                                ("batch_inner", "contiguous"), ("strided", "batch_inner")])
+@pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                              (torch.float16, torch.bfloat16), (torch.float64, torch.float32)])
+def test_mixed_dtypes_and_layouts_match_reference(x_layout, r_layout, x_dtype, r_dtype):
+    x, residual = random_tensor(SHAPE, x_dtype, x_layout), random_tensor(SHAPE, r_dtype, r_layout)
+    out, expected = run_both(fused_drop_path_add, x, residual, 0.5, activation="relu", seed=11)
+    assert_matches(out, expected)
+    assert out.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_masks_bit_identical_to_reference(mode):
+    x = random_tensor((1000, 3))
+    for seed in [0, 1, 2**31, 2**32 + 1, 2**62 + 12345]:
+        for p in [0.01, 0.3, 0.5, 0.97]:
+            out, expected = run_both(drop_path, x, p, mode=mode, seed=seed)
+            assert torch.equal(kept_rows(out), kept_rows(expected)), (seed, p)
+            assert_matches(out, expected, exact=True)
+
+
+def test_many_rows_across_threads_match_reference():
+    x, residual = random_tensor((3001, 40)), random_tensor((3001, 40))  # > one parallel grain
+    out, expected = run_both(fused_drop_path_add, x, residual, 0.2, seed=42, activation="relu")
+    assert_matches(out, expected, exact=True)
+    one_sample = random_tensor((1, 70001)), random_tensor((1, 70001))  # one row split across threads
+    out, expected = run_both(fused_drop_path_add, *one_sample, 0.5, seed=3)
+    assert_matches(out, expected, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("p, training", [(0.0, True), (0.3, True), (1.0, True), (0.3, False)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("scale_by_keep", [True, False])
+def test_gradients_match_reference(dtype, layout, p, training, activation, scale_by_keep):
+    grads = []
+    grad_out = random_tensor(SHAPE, dtype)
+    x0, r0 = random_tensor(SHAPE, dtype, layout), random_tensor(SHAPE, dtype, layout)
+    for backend in ("cpu", "reference"):
+        x, residual = x0.detach().requires_grad_(), r0.detach().requires_grad_()
+        out = fused_drop_path_add(x, residual, p, training=training, activation=activation,
+                                  scale_by_keep=scale_by_keep, seed=77, backend=backend)
+        out.backward(grad_out)
+        grads.append((x.grad, residual.grad))
+    (gx, gr), (ex, er) = grads
+    assert_matches(gx, ex, "grad_x")
+    assert_matches(gr, er, "grad_residual")
+
+
+def test_unary_gradient_matches_reference():
+    grads = []
+    x0 = random_tensor(SHAPE, torch.bfloat16, "channels_last")
+    for backend in ("cpu", "reference"):
+        x = x0.detach().requires_grad_()
+        drop_path(x, 0.4, seed=8, backend=backend).float().pow(2).sum().backward()
+        grads.append(x.grad)
+    assert_matches(*grads, "grad_x")
+
+
+def test_mixed_dtype_gradients_have_input_dtypes():
+    x = random_tensor(SHAPE, torch.bfloat16).requires_grad_()
+    residual = random_tensor(SHAPE, torch.float32).requires_grad_()
+    fused_drop_path_add(x, residual, 0.5, seed=3, activation="relu", backend="cpu").sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and residual.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("p, training", [(0.5, True), (0.5, False)])
+def test_gradcheck_fp64(activation, mode, p, training):
+    x = random_tensor((6, 3, 4), torch.float64).requires_grad_()
+    residual = random_tensor((6, 3, 4), torch.float64).requires_grad_()
+
+    def fused(x, residual):
+        return fused_drop_path_add(x, residual, p, training=training, mode=mode, activation=activation,
+                                   seed=21, backend="cpu")
+
+    assert torch.autograd.gradcheck(fused, (x, residual))
+    assert torch.autograd.gradcheck(lambda x: drop_path(x, p, training=training, mode=mode, seed=21,
+                                                        scale_by_keep=False, backend="cpu"), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: drop_path(x, p, mode=mode, seed=21, backend="cpu"), (x,))
+
+
+def _coin(training=True, p=0.5):
+    return torch.tensor([123456789], dtype=torch.int64) if training else None, torch.tensor(p, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_opcheck_drop_path_add(dtypes, layout, training, relu):
+    x = random_tensor(SHAPE, dtypes[0], layout).requires_grad_()
+    residual = random_tensor(SHAPE, dtypes[1], layout).requires_grad_()
+    seed, p = _coin(training)
+    torch.library.opcheck(ops.drop_path_add.default, (x, residual, seed, p, training, "row", True, relu))
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_opcheck_drop_path(out_dtype, mode):
+    x = random_tensor(SHAPE, torch.float32, "channels_last").requires_grad_()
+    seed, p = _coin()
+    torch.library.opcheck(ops.drop_path.default, (x, seed, p, True, mode, True, out_dtype))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_opcheck_relu_backward(dtypes):
+    out = torch.relu(random_tensor(SHAPE, torch.result_type(torch.empty(0, dtype=dtypes[0]),
+                                                            torch.empty(0, dtype=dtypes[1]))))
+    grad = random_tensor(SHAPE, out.dtype)
+    seed, p = _coin()
+    torch.library.opcheck(ops.drop_path_add_relu_backward.default,
+                          (grad, out, seed, p, True, "row", True, dtypes[0], dtypes[1]))
+
+
+def test_compiles_without_graph_break():
+    x, residual = random_tensor(SHAPE), random_tensor(SHAPE)
+    seed = torch.tensor([5], dtype=torch.int64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, residual):
+        return fused_drop_path_add(x, residual, 0.3, activation="relu", seed=seed, backend="cpu")
+
+    assert_matches(step(x, residual), fused_drop_path_add(x, residual, 0.3, activation="relu", seed=5,
+                                                          backend="reference"), exact=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(["contiguous", "strided", "batch_inner"]), p=st.floats(0.0, 1.0),
+       training=st.booleans(), mode=st.sampled_from(["row", "batch"]), scale_by_keep=st.booleans(),
+       activation=st.sampled_from([None, "relu"]), seed=st.integers(0, 2**63 - 1))
+def test_random_inputs_match_reference(shape, dtype, layout, p, training, mode, scale_by_keep, activation, seed):
+    x, residual = random_tensor(shape, dtype, layout), random_tensor(shape, dtype)
+    out, expected = run_both(fused_drop_path_add, x, residual, p, training=training, mode=mode,
+                             scale_by_keep=scale_by_keep, activation=activation, seed=seed)
+    assert_matches(out, expected)

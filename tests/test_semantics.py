@@ -1,0 +1,85 @@
+"""DESIGN.md's edge cases, for every backend that runs on the CPU."""
+import pytest
+import torch
+
+from helpers import assert_matches, kept_rows, random_tensor
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+
+BACKENDS = available_backends("cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("scale_by_keep, factor", [(True, 1.0), (False, 0.7)])
+def test_eval_scales_branch_by_constant(backend, scale_by_keep, factor):
+    x, residual = random_tensor((6, 4)), random_tensor((6, 4))
+    out = fused_drop_path_add(x, residual, 0.3, training=False, scale_by_keep=scale_by_keep, backend=backend)
+    assert_matches(out, residual + torch.tensor(factor) * x)
+
+
+def test_p_zero_in_training_equals_plain_add(backend):
+    x, residual = random_tensor((6, 4)), random_tensor((6, 4))
+    assert_matches(fused_drop_path_add(x, residual, 0.0, backend=backend, activation="relu"),
+                   torch.relu(residual + x))
+
+
+def test_p_one_drops_every_row_without_nan_and_gives_zero_gradient(backend):
+    x = random_tensor((6, 4)).requires_grad_()
+    residual = random_tensor((6, 4)).requires_grad_()
+    out = fused_drop_path_add(x, residual, 1.0, backend=backend, activation="relu")
+    assert_matches(out, torch.relu(residual), exact=True)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert_matches(residual.grad, (residual > 0).float(), exact=True)
+    assert_matches(drop_path(x, 1.0, backend=backend), torch.zeros_like(x), exact=True)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_dropped_rows_never_read_x(backend, poison):
+    x, residual = random_tensor((64, 5)), random_tensor((64, 5))
+    reference_out = drop_path(x, 0.5, seed=7, backend=backend)
+    dropped = ~kept_rows(reference_out)
+    assert dropped.any() and not dropped.all()
+    x[dropped] = poison
+    out = fused_drop_path_add(x, residual, 0.5, seed=7, backend=backend, activation="relu")
+    assert_matches(out[dropped], torch.relu(residual[dropped]), exact=True)
+    assert torch.isfinite(drop_path(x, 0.5, seed=7, backend=backend)[dropped]).all()
+
+
+def test_empty_batch(backend):
+    x, residual = torch.randn(0, 3, 4), torch.randn(0, 3, 4)
+    out = fused_drop_path_add(x, residual, 0.2, backend=backend)
+    assert out.shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_output_dtype_is_result_type(backend, x_dtype, r_dtype):
+    x, residual = random_tensor((4, 3), x_dtype), random_tensor((4, 3), r_dtype)
+    out = fused_drop_path_add(x, residual, 0.5, seed=1, backend=backend)
+    assert out.dtype == torch.result_type(x, residual)
+
+
+def test_output_keeps_residual_memory_format(backend):
+    x = random_tensor((4, 3, 5, 6))
+    residual = random_tensor((4, 3, 5, 6), layout="channels_last")
+    out = fused_drop_path_add(x, residual, 0.5, seed=1, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.stride() == residual.stride()
+
+
+def test_unary_drop_path_returns_input_when_nothing_is_drawn(backend):
+    x = random_tensor((4, 3))
+    assert drop_path(x, 0.5, training=False, backend=backend) is x
+    assert drop_path(x, 0.0, backend=backend) is x
+    assert_matches(drop_path(x, 0.5, training=False, scale_by_keep=False, backend=backend), 0.5 * x)
+
+
+def test_probability_as_tensor_equals_float(backend):
+    x, residual = random_tensor((32, 3)), random_tensor((32, 3))
+    a = fused_drop_path_add(x, residual, 0.25, seed=5, backend=backend)
+    b = fused_drop_path_add(x, residual, torch.tensor(0.25), seed=5, backend=backend)
+    assert_matches(a, b, exact=True)
