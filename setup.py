@@ -32,11 +32,15 @@ def build_cuda(sources):
 
 def make_extension():
     sources = read_sources()
-    cxx_flags = ["-O3", "-DSTOCHDEPTH_PYTHON_MODULE", "-Wall", "-Werror=return-type"]
+    # at::parallel_for is OpenMP code inlined from ATen's headers: without -fopenmp it compiles to
+    # a serial loop (measured: half the forward throughput on 2 cores).
+    cxx_flags = ["-O3", "-fopenmp", "-DSTOCHDEPTH_PYTHON_MODULE", "-Wall", "-Werror=return-type"]
+    link_flags = ["-fopenmp"]
     if not build_cuda(sources):
         cpu_sources = [s for s in sources if not s.endswith(".cu")]
         return cpp_extension.CppExtension(
-            "stochdepth_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}
+            "stochdepth_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvcc_flags = ["-O3", "--Werror", "all-warnings", "-lineinfo"]
@@ -44,6 +48,7 @@ def make_extension():
         "stochdepth_kernels._C",
         sources,
         extra_compile_args={"cxx": cxx_flags + ["-DSTOCHDEPTH_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

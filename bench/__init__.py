@@ -1,0 +1,1 @@
+"""Benchmarks of stochdepth_kernels; ``python -m bench`` (``make bench``) runs them."""

@@ -1,0 +1,3 @@
+from bench.cpu_op import main
+
+main()
