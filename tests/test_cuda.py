@@ -1,0 +1,53 @@
+"""The GPU suite (marker ``cuda``): on CUDA tensors the op runs through the reference backend until
+a CUDA/Triton kernel lands; it must draw its seed on the device and give the masks the CPU kernel
+gives for the same seed."""
+import pytest
+import torch
+
+from helpers import DTYPES, LAYOUTS, assert_matches, kept_rows, random_tensor
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+
+pytestmark = pytest.mark.cuda
+
+
+def test_auto_backend_on_cuda_is_available():
+    assert available_backends("cuda")[-1] == "reference"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_cuda_output_equals_cpu_kernel(dtype, layout, mode):
+    x, residual = random_tensor((33, 3, 5, 4), dtype, layout), random_tensor((33, 3, 5, 4), dtype, layout)
+    on_cpu = fused_drop_path_add(x, residual, 0.5, mode=mode, activation="relu", seed=2**40 + 9, backend="cpu")
+    on_gpu = fused_drop_path_add(x.cuda(), residual.cuda(), 0.5, mode=mode, activation="relu", seed=2**40 + 9)
+    assert_matches(on_gpu.cpu(), on_cpu)
+
+
+def test_cuda_masks_bit_identical_to_cpu():
+    x = random_tensor((4096, 2))
+    for seed in (0, 7, 2**33 + 1, 2**62):
+        assert torch.equal(kept_rows(drop_path(x.cuda(), 0.3, seed=seed).cpu()),
+                           kept_rows(drop_path(x, 0.3, seed=seed, backend="cpu")))
+
+
+def test_cuda_seed_is_drawn_on_device_and_reproducible():
+    x = random_tensor((512, 3), device="cuda")
+    torch.manual_seed(4)
+    first = kept_rows(drop_path(x, 0.5))
+    torch.manual_seed(4)
+    assert torch.equal(first, kept_rows(drop_path(x, 0.5)))
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    assert kept_rows(drop_path(x, 0.5, generator=generator)).shape == (512,)
+
+
+def test_cuda_gradients_equal_cpu_kernel():
+    grads = []
+    x0, r0 = random_tensor((16, 3, 4)), random_tensor((16, 3, 4))
+    for device, backend in (("cpu", "cpu"), ("cuda", "auto")):
+        x = x0.to(device).requires_grad_()
+        residual = r0.to(device).requires_grad_()
+        fused_drop_path_add(x, residual, 0.3, activation="relu", seed=12, backend=backend).sum().backward()
+        grads.append((x.grad.cpu(), residual.grad.cpu()))
+    assert_matches(grads[1][0], grads[0][0], "grad_x")
+    assert_matches(grads[1][1], grads[0][1], "grad_residual")
