@@ -45,8 +45,8 @@ def test_cuda_gradients_equal_cpu_kernel():
     grads = []
     x0, r0 = random_tensor((16, 3, 4)), random_tensor((16, 3, 4))
     for device, backend in (("cpu", "cpu"), ("cuda", "auto")):
-        x = x0.to(device).requires_grad_()
-        residual = r0.to(device).requires_grad_()
+        x = x0.to(device).detach().requires_grad_()  # x0.to("cpu") is x0 itself: detach gives a new leaf
+        residual = r0.to(device).detach().requires_grad_()
         fused_drop_path_add(x, residual, 0.3, activation="relu", seed=12, backend=backend).sum().backward()
         grads.append((x.grad.cpu(), residual.grad.cpu()))
     assert_matches(grads[1][0], grads[0][0], "grad_x")

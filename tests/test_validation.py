@@ -83,9 +83,13 @@ def test_native_op_rejects_bad_arguments_directly():
     seed = torch.tensor([1])
     with pytest.raises(ValueError, match="mode must be 'row' or 'batch', got 'rows'"):
         ops.drop_path_add(X, R, seed, p, True, "rows", True, False)
-    with pytest.raises(ValueError, match="p must be in \\[0, 1\\], got 1.5"):
+    with pytest.raises(ValueError, match=re.escape("p must be in [0, 1], got 1.500000")):
         ops.drop_path(X, seed, torch.tensor(1.5), True, "row", True)
     with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor"):
         ops.drop_path(X, None, p, True, "row", True)
-    with pytest.raises(ValueError, match="x and residual must have the same shape"):
+    with pytest.raises(ValueError, match=re.escape("x and residual must have the same shape, got [4, 3] and [3, 4]")):
         ops.drop_path_add(X, torch.randn(3, 4), seed, p, True, "row", True, False)
+    with pytest.raises(ValueError, match="x must have a batch dimension, got a 0-d tensor"):
+        ops.drop_path(torch.tensor(1.0), seed, p, True, "row", True)
+    with pytest.raises(ValueError, match=re.escape("out and grad must have the same shape, got [4] and [4, 3]")):
+        ops.drop_path_add_relu_backward(X, torch.randn(4), seed, p, True, "row", True, torch.float32, torch.float32)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -35,6 +36,26 @@ struct CallConfig {
   uint64_t seed;
 };
 
+// Messages format numbers with std::to_string, not through c10::str's ostream: streaming a double
+// there segfaulted with the torch 2.11 build of the GPU machine.
+std::string format_sizes(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return text + "]";
+}
+
+void check_batched(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() > 0, name, " must have a batch dimension, got a 0-d tensor");
+}
+
+void check_same_batched_shape(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ",
+                    format_sizes(a.sizes()), " and ", format_sizes(b.sizes()));
+  check_batched(a, a_name);
+}
+
 bool is_batch_mode(c10::string_view mode) {
   TORCH_CHECK_VALUE(mode == "row" || mode == "batch", "mode must be 'row' or 'batch', got '", mode, "'");
   return mode == "batch";
@@ -42,9 +63,9 @@ bool is_batch_mode(c10::string_view mode) {
 
 CallConfig make_config(const std::optional<Tensor>& seed, const Tensor& p, bool training,
                        c10::string_view mode, bool scale_by_keep) {
-  TORCH_CHECK_VALUE(p.numel() == 1, "p must hold one value, got ", p.numel());
+  TORCH_CHECK_VALUE(p.numel() == 1, "p must hold one value, got ", std::to_string(p.numel()));
   const double p_value = p.item<double>();
-  TORCH_CHECK_VALUE(p_value >= 0.0 && p_value <= 1.0, "p must be in [0, 1], got ", p_value);
+  TORCH_CHECK_VALUE(p_value >= 0.0 && p_value <= 1.0, "p must be in [0, 1], got ", std::to_string(p_value));
   CallConfig config{make_row_factor_params(p_value, training, is_batch_mode(mode), scale_by_keep), 0};
   if (config.params.sample) {
     TORCH_CHECK_VALUE(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
@@ -107,9 +128,7 @@ void add_run(const x_t* __restrict__ x, const r_t* __restrict__ r, out_t* __rest
 Tensor drop_path_add_cpu(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
                          const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep,
                          bool relu) {
-  TORCH_CHECK_VALUE(x.sizes() == residual.sizes(), "x and residual must have the same shape, got ",
-                    x.sizes(), " and ", residual.sizes());
-  TORCH_CHECK_VALUE(x.dim() > 0, "x must have a batch dimension, got a 0-d tensor");
+  check_same_batched_shape(x, "x", residual, "residual");
   const CallConfig config = make_config(seed, p, training, mode, scale_by_keep);
   const auto out_dtype = c10::promoteTypes(x.scalar_type(), residual.scalar_type());
   Tensor out = at::empty_like(residual, residual.options().dtype(out_dtype));
@@ -151,7 +170,7 @@ void scale_run(const x_t* __restrict__ x, out_t* __restrict__ out, int64_t n, ac
 Tensor drop_path_cpu(const Tensor& x, const std::optional<Tensor>& seed, const Tensor& p,
                      bool training, c10::string_view mode, bool scale_by_keep,
                      std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK_VALUE(x.dim() > 0, "x must have a batch dimension, got a 0-d tensor");
+  check_batched(x, "x");
   const CallConfig config = make_config(seed, p, training, mode, scale_by_keep);
   Tensor out = at::empty_like(x, x.options().dtype(out_dtype.value_or(x.scalar_type())));
   const Tensor x_dense = in_layout_of(x, out);
@@ -187,9 +206,7 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cpu(
     const Tensor& grad, const Tensor& out, const std::optional<Tensor>& seed, const Tensor& p,
     bool training, c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype,
     at::ScalarType residual_dtype) {
-  TORCH_CHECK_VALUE(grad.sizes() == out.sizes(), "grad and out must have the same shape, got ",
-                    grad.sizes(), " and ", out.sizes());
-  TORCH_CHECK_VALUE(out.dim() > 0, "out must have a batch dimension, got a 0-d tensor");
+  check_same_batched_shape(out, "out", grad, "grad");
   const CallConfig config = make_config(seed, p, training, mode, scale_by_keep);
   Tensor grad_x = at::empty_like(out, out.options().dtype(x_dtype));
   Tensor grad_residual = at::empty_like(out, out.options().dtype(residual_dtype));
@@ -203,8 +220,9 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cpu(
       using g_t = promoted_t<gx_t, gr_t>;
       using acc_t = at::opmath_type<g_t>;
       TORCH_CHECK_VALUE(c10::CppTypeToScalarType<g_t>::value == out.scalar_type(),
-                        "out must have dtype result_type(x, residual) = ",
-                        c10::CppTypeToScalarType<g_t>::value, ", got ", out.scalar_type());
+                        "out must have dtype result_type(x_dtype, residual_dtype) = ",
+                        c10::toString(c10::CppTypeToScalarType<g_t>::value), ", got ",
+                        c10::toString(out.scalar_type()));
       const auto factors = row_factors<acc_t>(config, out.size(0));
       const g_t* g_ptr = grad_dense.const_data_ptr<g_t>();
       const g_t* out_ptr = out_dense.const_data_ptr<g_t>();
