@@ -5,6 +5,7 @@ Each backend is the same three callables with the ops' signatures: the native ``
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -32,8 +33,14 @@ BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), ops.drop_path_add.default, ops.drop_path.default),
     "reference": Backend("reference", None, reference.drop_path_add, reference.drop_path),
 }
+if importlib.util.find_spec("triton") is not None:
+    from stochdepth_kernels import triton_backend
+
+    # CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (the tests' interpreter).
+    BACKENDS["triton"] = Backend("triton", ("cuda", "cpu") if triton_backend.INTERPRETING else ("cuda",),
+                                 triton_backend.triton_drop_path_add, triton_backend.triton_drop_path)
 # Fastest first: "auto" takes the first that runs on the device.
-AUTO_ORDER = ("cpu", "reference")
+AUTO_ORDER = tuple(name for name in ("cpu", "triton", "reference") if name in BACKENDS)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -38,39 +38,38 @@ def _save_coin(ctx, seed, p, training, mode, scale_by_keep, extra=None):
     ctx.coin_args = (training, mode, scale_by_keep)
 
 
-def _setup_drop_path_add(ctx, inputs, output):
-    x, residual, seed, p, training, mode, scale_by_keep, relu = inputs
-    _save_coin(ctx, seed, p, training, mode, scale_by_keep, output if relu else None)
-    ctx.relu = relu
-    ctx.dtypes = (x.dtype, residual.dtype)
+def register_drop_path_autograd(add_op, unary_op, relu_backward_op) -> None:
+    """Autograd for one backend's (drop_path_add, drop_path, drop_path_add_relu_backward) ops, which
+    take the native ops' arguments. The backward of both forward ops runs the backend's own ops."""
+
+    def setup_add(ctx, inputs, output):
+        x, residual, seed, p, training, mode, scale_by_keep, relu = inputs
+        _save_coin(ctx, seed, p, training, mode, scale_by_keep, output if relu else None)
+        ctx.relu = relu
+        ctx.dtypes = (x.dtype, residual.dtype)
+
+    def backward_add(ctx, grad):
+        seed, p, out = ctx.saved_tensors
+        x_dtype, residual_dtype = ctx.dtypes
+        if ctx.relu:
+            grad_x, grad_residual = relu_backward_op(grad, out, seed, p, *ctx.coin_args, x_dtype, residual_dtype)
+        else:
+            grad_residual = grad  # d out / d residual is the identity: no copy
+            grad_x = unary_op(grad, seed, p, *ctx.coin_args, x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_residual, None, None, None, None, None, None
+
+    def setup_unary(ctx, inputs, output):
+        x, seed, p, training, mode, scale_by_keep, out_dtype = inputs
+        _save_coin(ctx, seed, p, training, mode, scale_by_keep)
+        ctx.x_dtype = x.dtype
+
+    def backward_unary(ctx, grad):
+        seed, p, _ = ctx.saved_tensors
+        return unary_op(grad, seed, p, *ctx.coin_args, ctx.x_dtype), None, None, None, None, None, None
+
+    torch.library.register_autograd(add_op, backward_add, setup_context=setup_add)
+    torch.library.register_autograd(unary_op, backward_unary, setup_context=setup_unary)
 
 
-def _backward_drop_path_add(ctx, grad):
-    seed, p, out = ctx.saved_tensors
-    x_dtype, residual_dtype = ctx.dtypes
-    if ctx.relu:
-        grad_x, grad_residual = ops.drop_path_add_relu_backward(
-            grad, out, seed, p, *ctx.coin_args, x_dtype, residual_dtype
-        )
-    else:
-        grad_residual = grad  # d out / d residual is the identity: no copy
-        grad_x = ops.drop_path(grad, seed, p, *ctx.coin_args, x_dtype) if ctx.needs_input_grad[0] else None
-    return grad_x, grad_residual, None, None, None, None, None, None
-
-
-def _setup_drop_path(ctx, inputs, output):
-    x, seed, p, training, mode, scale_by_keep, out_dtype = inputs
-    _save_coin(ctx, seed, p, training, mode, scale_by_keep)
-    ctx.x_dtype = x.dtype
-
-
-def _backward_drop_path(ctx, grad):
-    seed, p, _ = ctx.saved_tensors
-    grad_x = ops.drop_path(grad, seed, p, *ctx.coin_args, ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "stochdepth::drop_path_add", _backward_drop_path_add, setup_context=_setup_drop_path_add
-)
-torch.library.register_autograd("stochdepth::drop_path", _backward_drop_path, setup_context=_setup_drop_path)
+register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
+                            ops.drop_path_add_relu_backward.default)
