@@ -1,3 +1,3 @@
-from bench.cpu_op import main
+from bench.op import main
 
 main()

@@ -25,4 +25,4 @@ echo "build rc=$?" | tee -a "$OUT/environment.txt"
 python -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -25
 python -m pytest tests -q -p no:cacheprovider -m cuda 2>&1 | tail -3 | tee "$OUT/tests_cuda.log"
 
-python -m bench --output "$OUT/cpu_op.json" 2>&1 | grep -v '^W' | tee "$OUT/bench.log" | tail -12
+python -m bench --output "$OUT/op.json" 2>&1 | grep -v "^W" | tee "$OUT/bench.log" | tail -40

@@ -1,5 +1,7 @@
-"""Timing done one way everywhere: warm-up, synchronisation, the median of many runs, and the
-candidates of one comparison run round-robin so that drift of a shared machine hits all alike."""
+"""Timing done one way everywhere: warm-up, the median of many samples, and the candidates of one
+comparison run round-robin so that drift of a shared machine hits all alike. On CUDA a sample is
+CUDA events around ``calls_per_sample`` back-to-back calls (launch overhead amortised, no host
+synchronisation inside); on the CPU it is wall time around one call."""
 from __future__ import annotations
 
 import statistics
@@ -14,27 +16,37 @@ import torch
 class Timing:
     median_s: float
     min_s: float
-    runs: int
+    samples: int
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sample_cpu(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _sample_cuda(fn: Callable[[], object], calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def measure_side_by_side(candidates: dict[str, Callable[[], object]], device: torch.device, *,
-                         warmup: int = 3, runs: int = 25) -> dict[str, Timing]:
-    """Median wall time of each candidate over ``runs`` calls after ``warmup`` calls; the calls
-    alternate between candidates, and the device is synchronised around each one."""
+                         warmup: int = 3, samples: int = 25) -> dict[str, Timing]:
+    """Median time of one call of each candidate over ``samples`` samples taken round-robin."""
+    sample, calls = (_sample_cuda, 10) if device.type == "cuda" else (_sample_cpu, 1)
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    synchronize(device)
-    samples = {name: [] for name in candidates}
-    for _ in range(runs):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = {name: [] for name in candidates}
+    for _ in range(samples):
         for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(s), min(s), runs) for name, s in samples.items()}
+            times[name].append(sample(fn, calls))
+    return {name: Timing(statistics.median(t), min(t), samples) for name, t in times.items()}
