@@ -22,7 +22,6 @@ export MAX_JOBS=${MAX_JOBS:-16}
 python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 echo "build rc=$?" | tee -a "$OUT/environment.txt"
 
-python -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -25
-python -m pytest tests -q -p no:cacheprovider -m cuda 2>&1 | tail -3 | tee "$OUT/tests_cuda.log"
+python -m pytest tests -q -p no:cacheprovider -p no:warnings -rfs --durations=10 2>&1 | tee "$OUT/tests.log" | tail -30
 
 python -m bench --output "$OUT/op.json" 2>&1 | grep -v "^W" | tee "$OUT/bench.log" | tail -40
