@@ -125,7 +125,7 @@ def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tenso
         raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
     batch = out.shape[0]
     run_length = out.stride(0) if batch > 1 else out.numel()
-    p_device = p.to(device=out.device, dtype=torch.float64).reshape(())
+    p_device = p.to(device=out.device, dtype=torch.float64, non_blocking=True).reshape(())
     sample = training and seed is not None
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
     flags = dict(SAMPLE=sample, BATCH_MODE=mode == "batch", SCALE_BY_KEEP=scale_by_keep, ACC=acc)

@@ -42,9 +42,9 @@ def _check_probability_value(value: float) -> None:
 
 
 def probability_tensor(p, device: torch.device) -> Tensor:
-    """``p`` as the 0-d tensor the ops take. A Python number becomes a CPU float64 tensor; a tensor
-    may live on the CPU or on ``device``. Values on an accelerator are not checked (that would
-    synchronise)."""
+    """``p`` as the 0-d tensor the ops take. A Python number becomes a float64 tensor on ``device``; a
+    tensor may live on the CPU or on ``device``. Tensor values on an accelerator are not checked
+    (that would synchronise)."""
     if isinstance(p, Tensor):
         if p.numel() != 1 or not p.is_floating_point():
             raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {p.dtype} tensor of shape {tuple(p.shape)}")
@@ -56,7 +56,12 @@ def probability_tensor(p, device: torch.device) -> Tensor:
     if isinstance(p, bool) or not isinstance(p, Real):
         raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {type(p).__name__}")
     _check_probability_value(float(p))
-    return torch.tensor(float(p), dtype=torch.float64)
+    if device.type == "cpu":
+        return torch.tensor(float(p), dtype=torch.float64)
+    # On an accelerator a fill kernel carries the value as a launch argument: a host-to-device copy
+    # from pageable memory would synchronise the stream on every call (measured on an H100: the
+    # Triton forward+backward took 0.99 ms instead of 0.62 ms).
+    return torch.full((), float(p), dtype=torch.float64, device=device)
 
 
 def is_zero(p) -> bool:
