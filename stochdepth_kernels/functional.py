@@ -20,8 +20,8 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     else ``1 - p``. A dropped row never reads ``x``. ``p`` is a float or a 0-d tensor; ``seed`` (an
     int in [0, 2**63) or a 1-element int64 tensor) replaces the seed drawn from ``generator`` (else
     the default generator of x's device). Output dtype ``torch.result_type(x, residual)``, memory
-    format of ``residual``. ``activation``: None or ``"relu"``. ``backend``: ``"auto"``, ``"cpu"``
-    or ``"reference"``.
+    format of ``residual``. ``activation``: None or ``"relu"``. ``backend``: ``"auto"``, ``"cpu"``,
+    ``"reference"`` or ``"triton"``.
     """
     validation.check_pair(x, residual)
     p_tensor = validation.probability_tensor(p, x.device)

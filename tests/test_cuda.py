@@ -10,8 +10,8 @@ from stochdepth_kernels import available_backends, drop_path, fused_drop_path_ad
 pytestmark = pytest.mark.cuda
 
 
-def test_auto_backend_on_cuda_is_available():
-    assert available_backends("cuda")[-1] == "reference"
+def test_auto_backend_on_cuda_is_the_reference_until_triton_wins_end_to_end():
+    assert available_backends("cuda")[0] == "reference"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
