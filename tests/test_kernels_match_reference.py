@@ -1,0 +1,107 @@
+"""Every kernel backend against the reference, over dtypes, layouts, p, training/eval, row/batch mode
+and activation: outputs, masks and gradients. A new kernel joins by adding a line to KERNELS."""
+import pytest
+import torch
+
+from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+
+KERNELS = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpreter"),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    backend, device = request.param
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} does not run on {device} here")
+    return backend, device
+
+
+def shape_for(kernel):
+    # Odd sizes: no row is a multiple of a vector width or block. Larger on a GPU.
+    return (37, 64, 28, 27) if kernel[1] == "cuda" else (7, 3, 5, 6)
+
+
+def skip_slow_on_interpreter(kernel, *layouts):
+    # In a batch-innermost layout each element is its own run, one Triton program each: ~8 ms apiece
+    # under the interpreter. test_triton.py covers that layout there on a tiny shape.
+    if kernel == ("triton", "cpu") and "batch_inner" in layouts:
+        pytest.skip("batch_inner under the Triton interpreter runs in test_triton.py")
+
+
+def run_both(kernel, fn, *tensors, **kwargs):
+    """(kernel, reference) outputs for the same seed."""
+    return fn(*tensors, backend=kernel[0], **kwargs), fn(*tensors, backend="reference", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", PROBABILITIES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_forward_matches_reference(kernel, dtype, layout, p, training, mode, activation):
+    skip_slow_on_interpreter(kernel, layout)
+    x, residual = (random_tensor(shape_for(kernel), dtype, layout, device=kernel[1]) for _ in range(2))
+    out, expected = run_both(kernel, fused_drop_path_add, x, residual, p, training=training, mode=mode,
+                             activation=activation, seed=2**33 + 5)
+    assert_matches(out, expected)
+    assert out.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("x_layout, r_layout", [("contiguous", "channels_last"), ("channels_last", "strided"),
+                                                ("batch_inner", "contiguous"), ("strided", "batch_inner")])
+@pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                              (torch.float16, torch.bfloat16), (torch.float64, torch.float32)])
+def test_mixed_dtypes_and_layouts_match_reference(kernel, x_layout, r_layout, x_dtype, r_dtype):
+    skip_slow_on_interpreter(kernel, r_layout)
+    x = random_tensor(shape_for(kernel), x_dtype, x_layout, device=kernel[1])
+    residual = random_tensor(shape_for(kernel), r_dtype, r_layout, device=kernel[1])
+    out, expected = run_both(kernel, fused_drop_path_add, x, residual, 0.5, activation="relu", seed=11)
+    assert_matches(out, expected)
+    assert out.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_masks_bit_identical_to_reference(kernel, mode):
+    x = random_tensor((64 if kernel == ("triton", "cpu") else 1000, 3), device=kernel[1])
+    for seed in [0, 1, 2**31, 2**32 + 1, 2**62 + 12345]:
+        for p in [0.01, 0.3, 0.5, 0.97]:
+            out, expected = run_both(kernel, drop_path, x, p, mode=mode, seed=seed)
+            assert torch.equal(kept_rows(out), kept_rows(expected)), (seed, p)
+            assert_matches(out, expected, exact=True)  # one multiply: no FMA to differ by
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("p, training", [(0.0, True), (0.3, True), (1.0, True), (0.3, False)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("scale_by_keep", [True, False])
+def test_gradients_match_reference(kernel, dtype, layout, p, training, activation, scale_by_keep):
+    x0, r0 = (random_tensor(shape_for(kernel), dtype, layout, device=kernel[1]) for _ in range(2))
+    grad_out = random_tensor(shape_for(kernel), dtype, device=kernel[1])
+    grads = []
+    for backend in (kernel[0], "reference"):
+        x, residual = x0.detach().requires_grad_(), r0.detach().requires_grad_()
+        out = fused_drop_path_add(x, residual, p, training=training, activation=activation,
+                                  scale_by_keep=scale_by_keep, seed=77, backend=backend)
+        out.backward(grad_out)
+        grads.append((x.grad, residual.grad))
+    (gx, gr), (ex, er) = grads
+    assert_matches(gx, ex, "grad_x")
+    assert_matches(gr, er, "grad_residual")
+
+
+def test_unary_gradient_matches_reference(kernel):
+    x0 = random_tensor(shape_for(kernel), torch.bfloat16, "channels_last", device=kernel[1])
+    grad_out = random_tensor(shape_for(kernel), torch.float32, device=kernel[1])
+    grads = []
+    for backend in (kernel[0], "reference"):
+        x = x0.detach().requires_grad_()
+        drop_path(x, 0.4, seed=8, backend=backend).float().backward(grad_out)
+        grads.append(x.grad)
+    assert_matches(*grads, "grad_x")
