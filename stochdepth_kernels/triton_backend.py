@@ -6,8 +6,9 @@
 
 ``f_b`` is the factor of batch row ``b`` (DESIGN.md): in training ``tl.rand(seed, b) < float32(1 - p)``
 decides the coin (``b = 0`` in batch mode) and a kept row gets ``1/(1-p)`` (or 1); in eval every row
-gets 1 (or ``1 - p``). The seed and ``p`` are device tensors loaded in the kernel, never host values,
-so one compiled kernel serves every ``p`` and a captured CUDA graph replays with fresh seeds.
+gets 1 (or ``1 - p``). The seed and ``p`` are device tensors loaded in the kernel, never host values:
+one compiled kernel serves every ``p``, and nothing synchronises with the host (CUDA-graph capture
+itself is tested with the production-use issue, not yet here).
 
 Tensors are walked in memory order as "runs" of ``run_length`` elements that share a batch row
 (one whole sample when the batch dimension is outermost); a program handles ``BLOCK`` elements of
@@ -52,7 +53,7 @@ def _row_factor(seed_ptr, p_ptr, row, SAMPLE: tl.constexpr, BATCH_MODE: tl.const
         if SCALE_BY_KEEP:
             kept_factor = tl.where(keep > 0.0, 1.0 / keep, 1.0)
         else:
-            kept_factor = keep * 0.0 + 1.0
+            kept_factor = keep * 0.0 + 1.0  # a float64 scalar 1: both branches need one type
         factor = tl.where(kept, kept_factor, 0.0)
     elif SCALE_BY_KEEP:
         factor = keep * 0.0 + 1.0
