@@ -155,7 +155,7 @@ def run(args) -> dict:
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "torch": torch.__version__, "triton": triton_version,
         "command": " ".join(env + ["python", "-m", "bench", *sys.argv[1:]]),
-        "p": args.p, "activation": "relu",
+        "p": args.p, "activation": "relu", "samples": args.samples,
         "allocations": allocations,
         "rows": rows,
     }
@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
     where = (f"{result['device']}" if result["device_type"] == "cuda"
              else f"{result['device']}, {result['threads']} threads, THP_MEM_ALLOC_ENABLE {thp}")
     lines = [f"Op benchmark: {where}; torch {result['torch']}, triton {result['triton']}; {result['date']}",
-             f"`{result['command']}`; p={result['p']}, ReLU; median of {result.get('samples', 25)} samples", ""]
+             f"`{result['command']}`; p={result['p']}, ReLU; median of {result['samples']} samples", ""]
     for alloc in result["allocations"]:
         lines.append(f"- {tuple(alloc['shape'])} {alloc['dtype']} ({alloc['tensor_mib']:.0f} MiB): a fresh output "
                      f"allocation costs {alloc['allocation_ms']:.2f} ms (clone - copy_), inside every op's time")
@@ -183,7 +183,6 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    result["samples"] = args.samples
     print(markdown(result))
     name = "op_thp.json" if result["thp_mem_alloc_enable"] == "1" else "op.json"
     output = args.output or RESULTS / device_folder(result) / name

@@ -67,3 +67,9 @@ def assert_matches(actual: Tensor, expected: Tensor, name: str = "output", *, ex
 def kept_rows(dropped_output: Tensor) -> Tensor:
     """The keep mask read off ``drop_path`` of a tensor with no zeros: a row is kept iff it is nonzero."""
     return (dropped_output.flatten(1) != 0).any(dim=1)
+
+
+def with_reference(backend: str, fn, *args, **kwargs):
+    """``(fn(..., backend=backend), fn(..., backend="reference"))``: one call on each, same arguments
+    (pass ``seed=`` so both draw the same mask)."""
+    return fn(*args, backend=backend, **kwargs), fn(*args, backend="reference", **kwargs)

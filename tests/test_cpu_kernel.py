@@ -5,23 +5,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import DTYPES, assert_matches, random_tensor
+from helpers import DTYPES, assert_matches, random_tensor, with_reference
 from stochdepth_kernels import drop_path, fused_drop_path_add
 from stochdepth_kernels.ops import ops
 
 SHAPE = (7, 3, 5, 6)  # odd sizes: no row is a multiple of a vector width
 
 
-def run_both(fn, *args, **kwargs):
-    return fn(*args, backend="cpu", **kwargs), fn(*args, backend="reference", **kwargs)
-
-
 def test_many_rows_across_threads_match_reference():
     x, residual = random_tensor((3001, 40)), random_tensor((3001, 40))  # > one parallel grain
-    out, expected = run_both(fused_drop_path_add, x, residual, 0.2, seed=42, activation="relu")
+    out, expected = with_reference("cpu", fused_drop_path_add, x, residual, 0.2, seed=42, activation="relu")
     assert_matches(out, expected, exact=True)
     one_sample = random_tensor((1, 70001)), random_tensor((1, 70001))  # one row split across threads
-    out, expected = run_both(fused_drop_path_add, *one_sample, 0.5, seed=3)
+    out, expected = with_reference("cpu", fused_drop_path_add, *one_sample, 0.5, seed=3)
     assert_matches(out, expected, exact=True)
 
 
@@ -102,6 +98,6 @@ def test_compiles_without_graph_break():
        activation=st.sampled_from([None, "relu"]), seed=st.integers(0, 2**63 - 1))
 def test_random_inputs_match_reference(shape, dtype, layout, p, training, mode, scale_by_keep, activation, seed):
     x, residual = random_tensor(shape, dtype, layout), random_tensor(shape, dtype)
-    out, expected = run_both(fused_drop_path_add, x, residual, p, training=training, mode=mode,
-                             scale_by_keep=scale_by_keep, activation=activation, seed=seed)
+    out, expected = with_reference("cpu", fused_drop_path_add, x, residual, p, training=training, mode=mode,
+                                   scale_by_keep=scale_by_keep, activation=activation, seed=seed)
     assert_matches(out, expected)

@@ -3,7 +3,7 @@ and activation: outputs, masks and gradients. A new kernel joins by adding a lin
 import pytest
 import torch
 
-from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor
+from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor, with_reference
 from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
 
 KERNELS = [
@@ -33,11 +33,6 @@ def skip_slow_on_interpreter(kernel, *layouts):
         pytest.skip("batch_inner under the Triton interpreter runs in test_triton.py")
 
 
-def run_both(kernel, fn, *tensors, **kwargs):
-    """(kernel, reference) outputs for the same seed."""
-    return fn(*tensors, backend=kernel[0], **kwargs), fn(*tensors, backend="reference", **kwargs)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", PROBABILITIES)
@@ -47,8 +42,8 @@ def run_both(kernel, fn, *tensors, **kwargs):
 def test_forward_matches_reference(kernel, dtype, layout, p, training, mode, activation):
     skip_slow_on_interpreter(kernel, layout)
     x, residual = (random_tensor(shape_for(kernel), dtype, layout, device=kernel[1]) for _ in range(2))
-    out, expected = run_both(kernel, fused_drop_path_add, x, residual, p, training=training, mode=mode,
-                             activation=activation, seed=2**33 + 5)
+    out, expected = with_reference(kernel[0], fused_drop_path_add, x, residual, p, training=training, mode=mode,
+                                   activation=activation, seed=2**33 + 5)
     assert_matches(out, expected)
     assert out.stride() == expected.stride()
 
@@ -61,7 +56,7 @@ def test_mixed_dtypes_and_layouts_match_reference(kernel, x_layout, r_layout, x_
     skip_slow_on_interpreter(kernel, r_layout)
     x = random_tensor(shape_for(kernel), x_dtype, x_layout, device=kernel[1])
     residual = random_tensor(shape_for(kernel), r_dtype, r_layout, device=kernel[1])
-    out, expected = run_both(kernel, fused_drop_path_add, x, residual, 0.5, activation="relu", seed=11)
+    out, expected = with_reference(kernel[0], fused_drop_path_add, x, residual, 0.5, activation="relu", seed=11)
     assert_matches(out, expected)
     assert out.stride() == expected.stride()
 
@@ -71,7 +66,7 @@ def test_masks_bit_identical_to_reference(kernel, mode):
     x = random_tensor((64 if kernel == ("triton", "cpu") else 1000, 3), device=kernel[1])
     for seed in [0, 1, 2**31, 2**32 + 1, 2**62 + 12345]:
         for p in [0.01, 0.3, 0.5, 0.97]:
-            out, expected = run_both(kernel, drop_path, x, p, mode=mode, seed=seed)
+            out, expected = with_reference(kernel[0], drop_path, x, p, mode=mode, seed=seed)
             assert torch.equal(kept_rows(out), kept_rows(expected)), (seed, p)
             assert_matches(out, expected, exact=True)  # one multiply: no FMA to differ by
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_matches, random_tensor
+from helpers import assert_matches, random_tensor, with_reference
 from stochdepth_kernels import available_backends, fused_drop_path_add
 
 triton_backend = pytest.importorskip("stochdepth_kernels.triton_backend")
@@ -18,16 +18,11 @@ def device(request):
     return request.param
 
 
-def run_both(fn, *tensors, **kwargs):
-    """(triton, reference) outputs for the same seed."""
-    return fn(*tensors, backend="triton", **kwargs), fn(*tensors, backend="reference", **kwargs)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_batch_innermost_layout(device, dtype, activation):
     x, residual = (random_tensor((3, 2, 2, 3), dtype, "batch_inner", device=device) for _ in range(2))
-    out, expected = run_both(fused_drop_path_add, x, residual, 0.5, activation=activation, seed=9)
+    out, expected = with_reference("triton", fused_drop_path_add, x, residual, 0.5, activation=activation, seed=9)
     assert_matches(out, expected)
     assert out.stride() == expected.stride()
 
