@@ -6,7 +6,8 @@ Bytes counted (DESIGN.md, "Physical floor"): forward ``keep*|x| + |r| + |out|``;
 ``|g| + |out| + |g_r| + |g_x|`` (the gradients are written whole, zeros in dropped rows). Eager and
 compiled code move more; their GB/s uses the same minimal count, so the columns compare times.
 On the CPU a fresh output allocation costs page faults: it is measured as ``clone - copy_`` and
-reported separately.
+reported separately. On CUDA "device ms" is the kernels' time alone (profiler), beside the end-to-end
+time: their gap is host overhead the GPU waited for.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.timing import measure_side_by_side
+from bench.timing import device_time_per_call, measure_side_by_side
 from stochdepth_kernels import available_backends, fused_drop_path_add
 
 RESULTS = Path(__file__).parent / "results"
@@ -98,21 +99,26 @@ def bench_case(device: torch.device, shape, dtype: torch.dtype, p: float, candid
     bytes_moved = {"forward": (3 - p) * tensor_bytes, "backward": 4 * tensor_bytes}
     bytes_moved["forward+backward"] = bytes_moved["forward"] + bytes_moved["backward"]
 
-    floor = measure_side_by_side({"copy": lambda: dst.copy_(x), "clone": lambda: x.clone()}, device, samples=samples)
+    timings, device_times = {}, {}
+
+    def measure(pass_name, fns):
+        timings[pass_name] = measure_side_by_side(fns, device, samples=samples)
+        if device.type == "cuda":
+            device_times[pass_name] = {name: device_time_per_call(fn, device) for name, fn in fns.items()}
+
+    measure("copy", {"copy": lambda: dst.copy_(x), "clone": lambda: x.clone()})
+    floor = timings.pop("copy")
     copy_s = floor["copy"].median_s
     copy_gbps = 2 * tensor_bytes / copy_s / 1e9
-    timings = {}
     with torch.no_grad():
-        timings["forward"] = measure_side_by_side({n: (lambda fn=fn: fn(x, r)) for n, fn in candidates.items()},
-                                                  device, samples=samples)
+        measure("forward", {n: (lambda fn=fn: fn(x, r)) for n, fn in candidates.items()})
     xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
     backward_only = {n: (lambda out=fn(xg, rg): torch.autograd.grad(out, (xg, rg), grad, retain_graph=True))
                      for n, fn in candidates.items()}
-    timings["backward"] = measure_side_by_side(_replayable(backward_only), device, samples=samples)
+    measure("backward", _replayable(backward_only))
     del backward_only
-    timings["forward+backward"] = measure_side_by_side(
-        {n: (lambda fn=fn: torch.autograd.grad(fn(xg, rg), (xg, rg), grad)) for n, fn in candidates.items()},
-        device, samples=samples)
+    measure("forward+backward", {n: (lambda fn=fn: torch.autograd.grad(fn(xg, rg), (xg, rg), grad))
+                                 for n, fn in candidates.items()})
 
     rows = [{"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "name": "copy_ (floor)",
              "pass": "copy", "median_ms": copy_s * 1e3, "gbps": copy_gbps}]
@@ -120,8 +126,14 @@ def bench_case(device: torch.device, shape, dtype: torch.dtype, p: float, candid
         for name, t in pass_timings.items():
             rows.append({"shape": list(shape), "dtype": rows[0]["dtype"], "name": name, "pass": pass_name,
                          "median_ms": t.median_s * 1e3, "gbps": bytes_moved[pass_name] / t.median_s / 1e9})
+    copy_device = device_times.get("copy", {}).get("copy")
     for row in rows:
         row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
+        seconds = copy_device if row["pass"] == "copy" else device_times.get(row["pass"], {}).get(row["name"])
+        if seconds:
+            row["device_ms"] = seconds * 1e3
+            row["device_pct_of_copy"] = 100 * copy_device / seconds * (
+                1 if row["pass"] == "copy" else bytes_moved[row["pass"]] / (2 * tensor_bytes))
         same_pass = {other["name"]: other for other in rows if other["pass"] == row["pass"]}
         for baseline in (EAGER, COMPILED):
             if baseline in same_pass:
@@ -170,12 +182,17 @@ def markdown(result: dict) -> str:
     for alloc in result["allocations"]:
         lines.append(f"- {tuple(alloc['shape'])} {alloc['dtype']} ({alloc['tensor_mib']:.0f} MiB): a fresh output "
                      f"allocation costs {alloc['allocation_ms']:.2f} ms (clone - copy_), inside every op's time")
-    lines += ["", "| shape | dtype | implementation | pass | median ms | GB/s (min bytes) | % of copy_ | vs eager | vs compile |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    with_device = any("device_ms" in row for row in result["rows"])
+    device_header = (" device ms | device % of copy_ |", "---|---|") if with_device else ("", "")
+    lines += ["", "| shape | dtype | implementation | pass | median ms | GB/s (min bytes) | % of copy_ |"
+                  f"{device_header[0]} vs eager | vs compile |",
+              f"|---|---|---|---|---|---|---|{device_header[1]}---|---|"]
     for row in result["rows"]:
         eager, compiled = row.get(f"speedup_vs_{EAGER}"), row.get(f"speedup_vs_{COMPILED}")
+        device = (f" {row['device_ms']:.3f} | {row['device_pct_of_copy']:.0f}% |" if "device_ms" in row
+                  else " - | - |") if with_device else ""
         lines.append(f"| {tuple(row['shape'])} | {row['dtype']} | {row['name']} | {row['pass']} | {row['median_ms']:.3f} | "
-                     f"{row['gbps']:.1f} | {row['pct_of_copy']:.0f}% | {f'{eager:.2f}x' if eager else '-'} | "
+                     f"{row['gbps']:.1f} | {row['pct_of_copy']:.0f}% |{device} {f'{eager:.2f}x' if eager else '-'} | "
                      f"{f'{compiled:.2f}x' if compiled else '-'} |")
     return "\n".join(lines)
 

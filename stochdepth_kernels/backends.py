@@ -13,32 +13,48 @@ from typing import Callable
 import torch
 
 from stochdepth_kernels import reference
-from stochdepth_kernels.ops import ops
+from stochdepth_kernels.ops import eager_autograd, ops
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
 
 @dataclass(frozen=True)
 class Backend:
+    """``drop_path_add`` and ``drop_path`` with the ops' signatures, in two forms: ``traced``, what
+    torch.compile sees (the registered ``torch.library`` ops), and ``eager``, the same kernels and
+    autograd rules without the dispatcher (:func:`~stochdepth_kernels.ops.eager_autograd`)."""
+
     name: str
     device_types: tuple[str, ...] | None  # None: every device
-    drop_path_add: Callable
-    drop_path: Callable
+    traced: tuple[Callable, Callable]
+    eager: tuple[Callable, Callable]
 
     def runs_on(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
 
+    def _pair(self) -> tuple[Callable, Callable]:
+        return self.traced if torch.compiler.is_compiling() else self.eager
 
+    def drop_path_add(self, *args) -> torch.Tensor:
+        return self._pair()[0](*args)
+
+    def drop_path(self, *args) -> torch.Tensor:
+        return self._pair()[1](*args)
+
+
+_NATIVE_OPS = (ops.drop_path_add.default, ops.drop_path.default)
+_REFERENCE = (reference.drop_path_add, reference.drop_path)
 BACKENDS = {
-    "cpu": Backend("cpu", ("cpu",), ops.drop_path_add.default, ops.drop_path.default),
-    "reference": Backend("reference", None, reference.drop_path_add, reference.drop_path),
+    "cpu": Backend("cpu", ("cpu",), _NATIVE_OPS,
+                   eager_autograd(*_NATIVE_OPS, ops.drop_path_add_relu_backward.default)),
+    "reference": Backend("reference", None, _REFERENCE, _REFERENCE),
 }
 if importlib.util.find_spec("triton") is not None:
     from stochdepth_kernels import triton_backend
 
     # CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (the tests' interpreter).
     BACKENDS["triton"] = Backend("triton", ("cuda", "cpu") if triton_backend.INTERPRETING else ("cuda",),
-                                 triton_backend.triton_drop_path_add, triton_backend.triton_drop_path)
+                                 triton_backend.TRACED, triton_backend.EAGER)
 # Fastest first: "auto" takes the first that runs on the device. On CUDA the reference (eager
 # PyTorch ops) comes before Triton: measured end to end on an H100 (bench/results/nvidia-h100-80gb-hbm3/,
 # 98 MiB fp32, ReLU), Triton's forward+backward took 1.18 ms against eager timm's 0.48 ms, its

@@ -45,4 +45,4 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
     if seed_t is None and scale_by_keep:
         return x
-    return impl.drop_path(x, seed_t, p_tensor, training, mode, scale_by_keep)
+    return impl.drop_path(x, seed_t, p_tensor, training, mode, scale_by_keep, None)

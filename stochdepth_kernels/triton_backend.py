@@ -22,6 +22,7 @@ residual network ``out`` stays alive anyway as the next block's saved input.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -29,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._library.triton import set_wrap_triton_enabled  # what triton_op's eager path uses
 from torch.library import triton_op, wrap_triton
 
-from stochdepth_kernels.ops import register_drop_path_autograd
+from stochdepth_kernels.ops import eager_autograd, register_drop_path_autograd
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuned per row length (the key): short rows want small blocks, long rows large ones. The
@@ -126,7 +128,7 @@ def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tenso
         raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
     batch = out.shape[0]
     run_length = out.stride(0) if batch > 1 else out.numel()
-    p_device = p.to(device=out.device, dtype=torch.float64, non_blocking=True).reshape(())
+    p_device = p.to(device=out.device, dtype=torch.float64, non_blocking=True)  # the kernel loads element 0
     sample = training and seed is not None
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
     flags = dict(SAMPLE=sample, BATCH_MODE=mode == "batch", SCALE_BY_KEEP=scale_by_keep, ACC=acc)
@@ -138,9 +140,8 @@ def _grid(numel: int, run_length: int):
     return lambda meta: (runs * triton.cdiv(run_length, meta["BLOCK"]),)
 
 
-@triton_op("stochdepth::triton_drop_path_add", mutates_args=())
-def triton_drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tensor, training: bool,
-                         mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
+def _drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tensor, training: bool,
+                   mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
     out = torch.empty_like(residual, dtype=torch.result_type(x, residual))
     if out.numel() == 0:
         return out
@@ -151,9 +152,8 @@ def triton_drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p:
     return out
 
 
-@triton_op("stochdepth::triton_drop_path", mutates_args=())
-def triton_drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mode: str,
-                     scale_by_keep: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def _drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mode: str,
+               scale_by_keep: bool, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     out = torch.empty_like(x, dtype=out_dtype or x.dtype)
     if out.numel() == 0:
         return out
@@ -165,10 +165,9 @@ def triton_drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: boo
     return out
 
 
-@triton_op("stochdepth::triton_drop_path_add_relu_backward", mutates_args=())
-def triton_drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Optional[Tensor], p: Tensor,
-                                       training: bool, mode: str, scale_by_keep: bool,
-                                       x_dtype: torch.dtype, residual_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Optional[Tensor], p: Tensor,
+                                  training: bool, mode: str, scale_by_keep: bool,
+                                  x_dtype: torch.dtype, residual_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     grad_x = torch.empty_like(out, dtype=x_dtype)
     grad_residual = torch.empty_like(out, dtype=residual_dtype)
     if out.numel() == 0:
@@ -180,4 +179,24 @@ def triton_drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Optional
     return grad_x, grad_residual
 
 
+triton_drop_path_add = triton_op("stochdepth::triton_drop_path_add", mutates_args=())(_drop_path_add)
+triton_drop_path = triton_op("stochdepth::triton_drop_path", mutates_args=())(_drop_path)
+triton_drop_path_add_relu_backward = triton_op("stochdepth::triton_drop_path_add_relu_backward",
+                                               mutates_args=())(_drop_path_add_relu_backward)
 register_drop_path_autograd(triton_drop_path_add, triton_drop_path, triton_drop_path_add_relu_backward)
+
+
+def _launching_directly(fn):
+    """``fn`` with its ``wrap_triton`` launches going straight to the kernel, as triton_op's own
+    eager path does: wrap_triton's higher-order-op dispatch is for tracing, and slow in eager."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            return fn(*args)
+
+    return run
+
+
+TRACED = (triton_drop_path_add, triton_drop_path)
+EAGER = eager_autograd(*map(_launching_directly, (_drop_path_add, _drop_path, _drop_path_add_relu_backward)))

@@ -56,11 +56,9 @@ def probability_tensor(p, device: torch.device) -> Tensor:
     if isinstance(p, bool) or not isinstance(p, Real):
         raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {type(p).__name__}")
     _check_probability_value(float(p))
-    if device.type == "cpu":
-        return torch.tensor(float(p), dtype=torch.float64)
-    # On an accelerator a fill kernel carries the value as a launch argument: a host-to-device copy
-    # from pageable memory would synchronise the stream on every call (measured on an H100: the
-    # Triton forward+backward took 0.99 ms instead of 0.62 ms).
+    # A fill carries the value as an argument: on an accelerator a host-to-device copy from pageable
+    # memory would synchronise the stream on every call (measured on an H100: the Triton
+    # forward+backward took 0.99 ms instead of 0.62 ms); on the CPU it is 3x cheaper than torch.tensor.
     return torch.full((), float(p), dtype=torch.float64, device=device)
 
 

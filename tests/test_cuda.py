@@ -51,3 +51,13 @@ def test_cuda_gradients_equal_cpu_kernel():
         grads.append((x.grad.cpu(), residual.grad.cpu()))
     assert_matches(grads[1][0], grads[0][0], "grad_x")
     assert_matches(grads[1][1], grads[0][1], "grad_residual")
+
+
+def test_bench_device_time_counts_the_kernels_of_a_call():
+    from bench.timing import device_time_per_call
+
+    x = torch.randn(64, 2**20, device="cuda")  # 256 MiB: a copy of it is ~0.1-0.2 ms of kernel
+    one = device_time_per_call(lambda: x.clone(), torch.device("cuda"))
+    two = device_time_per_call(lambda: (x.clone(), x.clone()), torch.device("cuda"))
+    assert 20e-6 < one < 5e-3
+    assert two == pytest.approx(2 * one, rel=0.2)

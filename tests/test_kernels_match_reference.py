@@ -100,3 +100,29 @@ def test_unary_gradient_matches_reference(kernel):
         drop_path(x, 0.4, seed=8, backend=backend).float().backward(grad_out)
         grads.append(x.grad)
     assert_matches(*grads, "grad_x")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_registered_ops_match_the_eager_path(kernel, relu):
+    """The public functions call the backend's eager autograd.Functions; torch.compile and direct
+    callers get the registered ops. Same kernels, same rules: bit-identical outputs and gradients,
+    double backward of the unary op included."""
+    from stochdepth_kernels.backends import BACKENDS
+
+    backend = BACKENDS[kernel[0]]
+    x0, r0 = (random_tensor(shape_for(kernel), torch.float64, device=kernel[1]) for _ in range(2))
+    seed = torch.tensor([6], device=kernel[1])
+    p = torch.tensor(0.5, dtype=torch.float64, device=kernel[1])
+    results = []
+    for add, unary in (backend.eager, backend.traced):
+        x, residual = x0.detach().requires_grad_(), r0.detach().requires_grad_()
+        out = add(x, residual, seed, p, True, "row", True, relu)
+        grads = torch.autograd.grad(out, (x, residual), torch.ones_like(out))
+        dropped = unary(x, seed, p, True, "batch", False, None)
+        grad_out = r0.detach().requires_grad_()
+        (grad_x,) = torch.autograd.grad(dropped, x, grad_out, create_graph=True)
+        (grad_grad_out,) = torch.autograd.grad(grad_x, grad_out, x0)  # backward of the backward
+        results.append((out, *grads, dropped, grad_x, grad_grad_out))
+    for name, eager, traced in zip(["out", "grad_x", "grad_residual", "dropped", "unary grad_x", "grad_grad_out"],
+                                   *results):
+        assert_matches(eager, traced, name, exact=True)
