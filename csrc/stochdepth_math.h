@@ -68,8 +68,8 @@ struct RowFactorParams {
 
 // keep = 1 - p in float64; a kept row is scaled by 1/keep when scale_by_keep, and in eval the
 // branch is multiplied by keep when not (the paper's test-time rule).
-inline RowFactorParams make_row_factor_params(double p, bool training, bool batch_mode,
-                                              bool scale_by_keep) {
+STOCHDEPTH_HOST_DEVICE RowFactorParams make_row_factor_params(double p, bool training, bool batch_mode,
+                                                              bool scale_by_keep) {
   const double keep = 1.0 - p;
   RowFactorParams params;
   params.sample = training && p > 0.0;

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 try:
-    from stochdepth_kernels import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    from stochdepth_kernels import _C  # runs the TORCH_LIBRARY registrations
 except ImportError as error:  # pragma: no cover - a broken install, not a code path
     raise ImportError(
         "stochdepth_kernels._C is missing: build the extension with "
@@ -15,6 +15,8 @@ except ImportError as error:  # pragma: no cover - a broken install, not a code 
     ) from error
 
 ops = torch.ops.stochdepth
+# Whether this build compiled the CUDA kernels (nvcc and a CUDA torch were present at install).
+WITH_CUDA = bool(_C.WITH_CUDA)
 
 
 @torch.library.register_fake("stochdepth::drop_path_add")

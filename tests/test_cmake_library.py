@@ -22,7 +22,8 @@ library, inputs, output = sys.argv[1:]
 torch.ops.load_library(library)
 x, residual, seed, p = torch.load(inputs)
 out = torch.ops.stochdepth.drop_path_add(x, residual, seed, p, True, "row", True, True)
-torch.save(out, output)
+with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("stochdepth::drop_path_add", "CUDA")
+torch.save((out, with_cuda), output)
 """
 
 
@@ -49,5 +50,7 @@ def test_cmake_library_loads_and_matches_reference(tmp_path):
     env = {**os.environ, "PYTHONPATH": ""}
     run([sys.executable, "-c", LOAD_AND_RUN, str(library), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
         env=env, cwd=tmp_path)
-    out = torch.load(tmp_path / "out.pt")
+    out, with_cuda = torch.load(tmp_path / "out.pt")
     assert_matches(out, reference.drop_path_add(x, residual, seed, p, True, "row", True, True))
+    nvcc = Path(os.environ.get("CUDA_HOME", "/nonexistent")) / "bin" / "nvcc"
+    assert with_cuda == (nvcc.exists() and torch.version.cuda is not None), "CUDA kernels built iff nvcc was found"

@@ -10,6 +10,7 @@ KERNELS = [
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton-interpreter"),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
 ]
 
 

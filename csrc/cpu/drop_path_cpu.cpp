@@ -5,15 +5,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
-#include <type_traits>
 #include <vector>
 
+#include "../op_common.h"
 #include "../stochdepth_math.h"
 
 namespace stochdepth {
@@ -25,51 +22,20 @@ using at::Tensor;
 // small enough to balance a (64, 256, 28, 28) tensor over many cores.
 constexpr int64_t kGrainSize = 1 << 15;
 
-// torch.result_type for two floating types, at compile time.
-template <typename a_t, typename b_t>
-using promoted_t = std::conditional_t<
-    std::is_same_v<a_t, b_t>, a_t,
-    std::conditional_t<std::is_same_v<a_t, double> || std::is_same_v<b_t, double>, double, float>>;
-
 struct CallConfig {
   RowFactorParams params;
   uint64_t seed;
 };
 
-// Messages format numbers with std::to_string, not through c10::str's ostream: streaming a double
-// there segfaulted with the torch 2.11 build of the GPU machine.
-std::string format_sizes(at::IntArrayRef sizes) {
-  std::string text = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    text += (i ? ", " : "") + std::to_string(sizes[i]);
-  }
-  return text + "]";
-}
-
-void check_batched(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() > 0, name, " must have a batch dimension, got a 0-d tensor");
-}
-
-void check_same_batched_shape(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ",
-                    format_sizes(a.sizes()), " and ", format_sizes(b.sizes()));
-  check_batched(a, a_name);
-}
-
-bool is_batch_mode(c10::string_view mode) {
-  TORCH_CHECK_VALUE(mode == "row" || mode == "batch", "mode must be 'row' or 'batch', got '", mode, "'");
-  return mode == "batch";
-}
-
 CallConfig make_config(const std::optional<Tensor>& seed, const Tensor& p, bool training,
                        c10::string_view mode, bool scale_by_keep) {
-  TORCH_CHECK_VALUE(p.numel() == 1, "p must hold one value, got ", std::to_string(p.numel()));
+  check_p(p);
   const double p_value = p.item<double>();
   TORCH_CHECK_VALUE(p_value >= 0.0 && p_value <= 1.0, "p must be in [0, 1], got ", std::to_string(p_value));
   CallConfig config{make_row_factor_params(p_value, training, is_batch_mode(mode), scale_by_keep), 0};
   if (config.params.sample) {
-    TORCH_CHECK_VALUE(seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
-                      "seed must be a 1-element int64 tensor when training with p > 0");
+    TORCH_CHECK_VALUE(seed.has_value(), "seed must be a 1-element int64 tensor when training with p > 0, got None");
+    check_seed(seed);
     config.seed = static_cast<uint64_t>(seed->item<int64_t>());
   }
   return config;
@@ -83,12 +49,6 @@ std::vector<acc_t> row_factors(const CallConfig& config, int64_t batch) {
     factors[row] = row_factor<acc_t>(config.params, config.seed, row);
   }
   return factors;
-}
-
-// `t` itself when it already has `layout`'s strides, else a copy of it in that layout.
-Tensor in_layout_of(const Tensor& t, const Tensor& layout) {
-  if (t.strides() == layout.strides()) return t;
-  return at::empty_like(layout, t.options()).copy_(t);
 }
 
 // Walks a dense tensor in memory order as runs of elements that share a batch row, in parallel.
@@ -207,6 +167,7 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cpu(
     bool training, c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype,
     at::ScalarType residual_dtype) {
   check_same_batched_shape(out, "out", grad, "grad");
+  check_relu_backward_out(out, x_dtype, residual_dtype);
   const CallConfig config = make_config(seed, p, training, mode, scale_by_keep);
   Tensor grad_x = at::empty_like(out, out.options().dtype(x_dtype));
   Tensor grad_residual = at::empty_like(out, out.options().dtype(residual_dtype));
@@ -219,10 +180,6 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cpu(
       using gr_t = scalar_t;
       using g_t = promoted_t<gx_t, gr_t>;
       using acc_t = at::opmath_type<g_t>;
-      TORCH_CHECK_VALUE(c10::CppTypeToScalarType<g_t>::value == out.scalar_type(),
-                        "out must have dtype result_type(x_dtype, residual_dtype) = ",
-                        c10::toString(c10::CppTypeToScalarType<g_t>::value), ", got ",
-                        c10::toString(out.scalar_type()));
       const auto factors = row_factors<acc_t>(config, out.size(0));
       const g_t* g_ptr = grad_dense.const_data_ptr<g_t>();
       const g_t* out_ptr = out_dense.const_data_ptr<g_t>();

@@ -1,0 +1,79 @@
+// Host-side code every device implementation of the stochdepth:: ops shares: argument checks (each
+// message names the argument and the value), torch.result_type of two floating dtypes, and copying
+// an input into the output's layout so that kernels walk dense tensors in one memory order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+
+namespace stochdepth {
+
+// torch.result_type for two floating types, at compile time.
+template <typename a_t, typename b_t>
+using promoted_t = std::conditional_t<
+    std::is_same_v<a_t, b_t>, a_t,
+    std::conditional_t<std::is_same_v<a_t, double> || std::is_same_v<b_t, double>, double, float>>;
+
+// Messages format numbers with std::to_string, not through c10::str's ostream: streaming a double
+// there segfaulted with the torch 2.11 build of the GPU machine.
+inline std::string format_sizes(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return text + "]";
+}
+
+inline void check_batched(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() > 0, name, " must have a batch dimension, got a 0-d tensor");
+}
+
+inline void check_same_batched_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                                     const char* b_name) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ",
+                    format_sizes(a.sizes()), " and ", format_sizes(b.sizes()));
+  check_batched(a, a_name);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ",
+                    a.device().str(), " and ", b.device().str());
+}
+
+inline bool is_batch_mode(c10::string_view mode) {
+  TORCH_CHECK_VALUE(mode == "row" || mode == "batch", "mode must be 'row' or 'batch', got '", mode, "'");
+  return mode == "batch";
+}
+
+inline void check_p(const at::Tensor& p) {
+  TORCH_CHECK_VALUE(p.numel() == 1, "p must hold one value, got ", std::to_string(p.numel()));
+}
+
+inline void check_seed(const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK_VALUE(!seed.has_value() || (seed->numel() == 1 && seed->scalar_type() == at::kLong),
+                    "seed must be a 1-element int64 tensor, got ",
+                    seed.has_value() ? std::string(c10::toString(seed->scalar_type())) + " tensor of shape " +
+                                           format_sizes(seed->sizes())
+                                     : std::string("None"));
+}
+
+// The relu backward's out holds torch.result_type(x_dtype, residual_dtype).
+inline void check_relu_backward_out(const at::Tensor& out, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
+  const auto expected = c10::promoteTypes(x_dtype, residual_dtype);
+  TORCH_CHECK_VALUE(out.scalar_type() == expected, "out must have dtype result_type(x_dtype, residual_dtype) = ",
+                    c10::toString(expected), ", got ", c10::toString(out.scalar_type()));
+}
+
+// `t` itself when it already has `layout`'s strides, else a copy of it in that layout.
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& layout) {
+  if (t.strides() == layout.strides()) return t;
+  return at::empty_like(layout, t.options()).copy_(t);
+}
+
+}  // namespace stochdepth

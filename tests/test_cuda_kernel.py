@@ -1,0 +1,170 @@
+"""What is particular to the CUDA kernels: that they are built wherever nvcc is (CI, no GPU), and on
+a GPU (marker ``cuda``) their pack paths, gradcheck, opcheck and compile, CUDA-graph replays, int64
+indexing and compute-sanitizer. The grid against the reference is in test_kernels_match_reference.py."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from helpers import assert_matches, kept_rows, random_tensor, with_reference
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, ops
+from stochdepth_kernels.seeding import draw_seed
+
+native = torch.ops.stochdepth
+gpu = pytest.mark.cuda
+
+
+def test_cuda_kernels_are_built_wherever_nvcc_is():
+    nvcc_found = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if os.environ.get("STOCHDEPTH_BUILD_CUDA") == "0" or not nvcc_found:
+        pytest.skip("no nvcc or no CUDA build of torch: a CPU-only install")
+    assert ops.WITH_CUDA, "nvcc is here but the extension was built without its CUDA kernels"
+    assert "cuda" in available_backends("cuda")
+
+
+@pytest.fixture
+def cuda_backend():
+    if "cuda" not in available_backends("cuda"):
+        pytest.skip("the CUDA kernels are not built")
+
+
+def offset_view(shape, dtype, offset):
+    """Standard-normal values at ``offset`` elements into their storage: a pointer that is not
+    16-byte aligned when ``offset`` is odd."""
+    numel = torch.Size(shape).numel()
+    return torch.randn(numel + offset, device="cuda").to(dtype)[offset:].view(shape)
+
+
+@gpu
+@pytest.mark.parametrize("shape, offset", [
+    ((9, 1031), 0),        # chunked runs that are not whole packs: element by element
+    ((1, 4099), 0),        # one run ending in a partial pack
+    ((5, 4096), 1),        # whole packs, unaligned pointer
+    ((5, 4096), 0),        # whole packs, 16-byte accesses
+    ((37, 3, 5, 7), 0),    # runs shorter than a block's packs: element mode
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_pack_path_matches_reference(cuda_backend, shape, offset, dtype):
+    x, residual = offset_view(shape, dtype, offset), offset_view(shape, dtype, 0)
+    for activation in (None, "relu"):
+        out, expected = with_reference("cuda", fused_drop_path_add, x, residual, 0.5, activation=activation, seed=4)
+        assert_matches(out, expected)
+    out, expected = with_reference("cuda", drop_path, x, 0.5, seed=4)
+    assert_matches(out, expected, exact=True)
+
+
+@gpu
+def test_gradcheck_fp64(cuda_backend):
+    x = random_tensor((6, 3, 4), torch.float64, device="cuda").requires_grad_()
+    residual = random_tensor((6, 3, 4), torch.float64, device="cuda").requires_grad_()
+    for activation in (None, "relu"):
+        assert torch.autograd.gradcheck(
+            lambda x, r: fused_drop_path_add(x, r, 0.5, activation=activation, seed=21, backend="cuda"),
+            (x, residual))
+    assert torch.autograd.gradgradcheck(lambda x: drop_path(x, 0.5, seed=21, backend="cuda"), (x,))
+
+
+@gpu
+def test_opcheck_and_compile(cuda_backend):
+    x = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
+    residual = random_tensor((8, 16, 9, 9), torch.bfloat16, device="cuda").requires_grad_()
+    seed = torch.tensor([5], device="cuda")
+    p = torch.tensor(0.3, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(native.drop_path_add.default, (x, residual, seed, p, True, "row", True, True))
+    torch.library.opcheck(native.drop_path.default, (x, seed, p, True, "batch", False, None))
+    out = torch.relu(random_tensor((8, 16, 9, 9), device="cuda"))
+    torch.library.opcheck(native.drop_path_add_relu_backward.default,
+                          (random_tensor((8, 16, 9, 9), device="cuda"), out, seed, p, True, "row", True,
+                           torch.float32, torch.float32))
+
+    @torch.compile(fullgraph=True)
+    def block(x, residual, p):
+        return fused_drop_path_add(x, residual, p, activation="relu", seed=seed, backend="cuda")
+
+    compiled = block(x, residual, p)
+    assert_matches(compiled, fused_drop_path_add(x, residual, p, activation="relu", seed=5, backend="reference"))
+    compiled.float().sum().backward()
+    assert x.grad is not None and residual.grad is not None
+    block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
+
+
+@gpu
+def test_cuda_graph_replays_draw_a_fresh_mask_each_equal_to_the_reference(cuda_backend):
+    x, residual = random_tensor((64, 8, 8), device="cuda"), random_tensor((64, 8, 8), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        fused_drop_path_add(x, residual, 0.5, activation="relu", backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seed = draw_seed(x.device)
+        out = fused_drop_path_add(x, residual, 0.5, activation="relu", seed=seed, backend="cuda")
+    masks = []
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fused_drop_path_add(x, residual, 0.5, activation="relu", seed=seed.clone(), backend="reference")
+        assert_matches(out, expected)
+        masks.append(kept_rows(drop_path(x, 0.5, seed=seed.clone(), backend="reference")))
+    assert len({tuple(mask.tolist()) for mask in masks}) == len(masks), "a replay reused a mask"
+
+
+@gpu
+def test_int64_indexing_past_2_31_elements(cuda_backend):
+    row = 2**30 + 3  # two rows: offsets of the second pass 2**31
+    x = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
+    for seed in range(4):
+        out = fused_drop_path_add(x, residual, 0.5, seed=seed, activation="relu", backend="cuda")
+        tail = slice(row - 4096, row)
+        expected = fused_drop_path_add(x[:, tail], residual[:, tail], 0.5, seed=seed, activation="relu",
+                                       backend="reference")
+        assert_matches(out[:, tail], expected)
+    del x, residual, out
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_native_op_rejects_inputs_on_two_devices(cuda_backend):
+    x, seed, p = torch.randn(4, 3, device="cuda"), torch.tensor([1]), torch.tensor(0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x and residual must be on the same device, got cuda:0 and cpu"):
+        native.drop_path_add(x, torch.randn(4, 3), seed, p, True, "row", True, False)
+    with pytest.raises(ValueError, match="p must be in \\[0, 1\\], got 1.500000"):
+        native.drop_path(x, seed, torch.tensor(1.5), True, "row", True)
+    with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor, got Int tensor of shape \\[1\\]"):
+        native.drop_path(x, torch.tensor([1], dtype=torch.int32), p, True, "row", True)
+
+
+SANITIZED_CALLS = """
+import torch
+from stochdepth_kernels import drop_path, fused_drop_path_add
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for shape in ((9, 1031), (5, 4096), (37, 3, 5, 7)):
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        r = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        for activation in (None, "relu"):
+            fused_drop_path_add(x, r, 0.5, activation=activation, backend="cuda").sum().backward()
+        drop_path(x[:, 1:], 0.5, backend="cuda").sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+@gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_is_clean(cuda_backend, tool):
+    sanitizer = shutil.which("compute-sanitizer") or str(Path(cpp_extension.CUDA_HOME or "/nonexistent")
+                                                           / "bin" / "compute-sanitizer")
+    if not Path(sanitizer).exists():
+        pytest.skip("compute-sanitizer is not installed")
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # each tensor its own allocation
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZED_CALLS],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stdout + result.stderr
