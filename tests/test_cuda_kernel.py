@@ -1,6 +1,7 @@
 """What is particular to the CUDA kernels: that they are built wherever nvcc is (CI, no GPU), and on
-a GPU (marker ``cuda``) their pack paths, gradcheck, opcheck and compile, CUDA-graph replays, int64
-indexing and compute-sanitizer. The grid against the reference is in test_kernels_match_reference.py."""
+a GPU (marker ``cuda``) their pack paths, gradcheck, CUDA-graph replays, errors and compute-sanitizer.
+The grid against the reference is in test_kernels_match_reference.py, opcheck, compile and int64
+indexing in test_gpu_kernels.py."""
 import os
 import shutil
 import subprocess
@@ -70,30 +71,6 @@ def test_gradcheck_fp64(cuda_backend):
 
 
 @gpu
-def test_opcheck_and_compile(cuda_backend):
-    x = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
-    residual = random_tensor((8, 16, 9, 9), torch.bfloat16, device="cuda").requires_grad_()
-    seed = torch.tensor([5], device="cuda")
-    p = torch.tensor(0.3, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(native.drop_path_add.default, (x, residual, seed, p, True, "row", True, True))
-    torch.library.opcheck(native.drop_path.default, (x, seed, p, True, "batch", False, None))
-    out = torch.relu(random_tensor((8, 16, 9, 9), device="cuda"))
-    torch.library.opcheck(native.drop_path_add_relu_backward.default,
-                          (random_tensor((8, 16, 9, 9), device="cuda"), out, seed, p, True, "row", True,
-                           torch.float32, torch.float32))
-
-    @torch.compile(fullgraph=True)
-    def block(x, residual, p):
-        return fused_drop_path_add(x, residual, p, activation="relu", seed=seed, backend="cuda")
-
-    compiled = block(x, residual, p)
-    assert_matches(compiled, fused_drop_path_add(x, residual, p, activation="relu", seed=5, backend="reference"))
-    compiled.float().sum().backward()
-    assert x.grad is not None and residual.grad is not None
-    block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
-
-
-@gpu
 def test_cuda_graph_replays_draw_a_fresh_mask_each_equal_to_the_reference(cuda_backend):
     x, residual = random_tensor((64, 8, 8), device="cuda"), random_tensor((64, 8, 8), device="cuda")
     side = torch.cuda.Stream()
@@ -113,21 +90,6 @@ def test_cuda_graph_replays_draw_a_fresh_mask_each_equal_to_the_reference(cuda_b
         assert_matches(out, expected)
         masks.append(kept_rows(drop_path(x, 0.5, seed=seed.clone(), backend="reference")))
     assert len({tuple(mask.tolist()) for mask in masks}) == len(masks), "a replay reused a mask"
-
-
-@gpu
-def test_int64_indexing_past_2_31_elements(cuda_backend):
-    row = 2**30 + 3  # two rows: offsets of the second pass 2**31
-    x = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
-    for seed in range(4):
-        out = fused_drop_path_add(x, residual, 0.5, seed=seed, activation="relu", backend="cuda")
-        tail = slice(row - 4096, row)
-        expected = fused_drop_path_add(x[:, tail], residual[:, tail], 0.5, seed=seed, activation="relu",
-                                       backend="reference")
-        assert_matches(out[:, tail], expected)
-    del x, residual, out
-    torch.cuda.empty_cache()
 
 
 @gpu

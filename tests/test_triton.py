@@ -1,6 +1,7 @@
 """What is particular to the Triton kernels, on CPU tensors under TRITON_INTERPRET=1 and on CUDA
-(marker ``cuda``): the batch-innermost layout, gradcheck, no hidden copies, opcheck and compile, int64
-indexing. The grid against the reference is in test_kernels_match_reference.py."""
+(marker ``cuda``): the batch-innermost layout, gradcheck, no hidden copies. The grid against the
+reference is in test_kernels_match_reference.py, opcheck, compile and int64 indexing on a GPU in
+test_gpu_kernels.py."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,43 +55,3 @@ def test_dense_batch_outermost_inputs_are_not_copied(device, layout):
                                             torch.tensor(0.2, dtype=torch.float64, device=device),
                                             True, "row", True, True)
     assert not [name for name in recorded.names if "copy" in name or "clone" in name], recorded.names
-
-
-@pytest.mark.cuda
-def test_opcheck_and_compile_on_cuda():
-    ops = (triton_backend.triton_drop_path_add, triton_backend.triton_drop_path,
-           triton_backend.triton_drop_path_add_relu_backward)
-    x = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
-    residual = random_tensor((8, 16, 9, 9), torch.bfloat16, device="cuda").requires_grad_()
-    seed = torch.tensor([5], device="cuda")
-    p = torch.tensor(0.3, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(ops[0], (x, residual, seed, p, True, "row", True, True))
-    torch.library.opcheck(ops[1], (x, seed, p, True, "batch", False, None))
-    out = torch.relu(random_tensor((8, 16, 9, 9), device="cuda"))
-    torch.library.opcheck(ops[2], (random_tensor((8, 16, 9, 9), device="cuda"), out, seed, p, True, "row", True,
-                                   torch.float32, torch.float32))
-
-    @torch.compile(fullgraph=True)
-    def block(x, residual, p):
-        return fused_drop_path_add(x, residual, p, activation="relu", seed=seed, backend="triton")
-
-    compiled = block(x, residual, p)
-    assert_matches(compiled, fused_drop_path_add(x, residual, p, activation="relu", seed=5, backend="reference"))
-    compiled.float().sum().backward()
-    assert x.grad is not None and residual.grad is not None
-    block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
-
-
-@pytest.mark.cuda
-def test_int64_indexing_past_2_31_elements():
-    row = 2**30 + 3  # two rows: offsets of the second pass 2**31
-    x = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
-    for seed in range(4):
-        out = fused_drop_path_add(x, residual, 0.5, seed=seed, activation="relu", backend="triton")
-        tail = slice(row - 4096, row)
-        expected = fused_drop_path_add(x[:, tail], residual[:, tail], 0.5, seed=seed, activation="relu",
-                                       backend="reference")
-        assert_matches(out[:, tail], expected)
-    del x, residual, out
-    torch.cuda.empty_cache()

@@ -139,11 +139,12 @@ __global__ void __launch_bounds__(kThreads) drop_path_kernel(Op op, Coin coin, G
   for_each_pack<N>(op, coin, geometry, vectorized);
 }
 
-// out = act(residual + factor * x); a dropped row reads only the residual.
-template <typename x_t, typename r_t, typename out_t>
-struct AddOp {
-  using acc_t = at::opmath_type<out_t>;
-  static constexpr int kPack = pack_width<x_t, r_t, out_t>();
+// With a residual: out = act(residual + factor * x), a dropped row reading only the residual.
+// Without (kResidual false, r_t unused): out = factor * x, a dropped row writing zeros unread.
+template <typename x_t, typename r_t, typename out_t, bool kResidual>
+struct DropPathOp {
+  using acc_t = at::opmath_type<promoted_t<x_t, out_t>>;
+  static constexpr int kPack = kResidual ? pack_width<x_t, r_t, out_t>() : pack_width<x_t, out_t>();
   const x_t* x;
   const r_t* residual;
   out_t* out;
@@ -151,50 +152,37 @@ struct AddOp {
 
   template <int N>
   __device__ __forceinline__ void apply(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
-    const Pack<r_t, N> r = load_pack<N>(residual + offset, valid, vectorized);
+    Pack<r_t, N> r{};
+    if constexpr (kResidual) r = load_pack<N>(residual + offset, valid, vectorized);
     Pack<out_t, N> result;
     if (factor == acc_t(0)) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) result.v[k] = static_cast<out_t>(dropped_element(static_cast<acc_t>(r.v[k]), relu));
+      for (int k = 0; k < N; ++k) {
+        if constexpr (kResidual) {
+          result.v[k] = static_cast<out_t>(dropped_element(static_cast<acc_t>(r.v[k]), relu));
+        } else {
+          result.v[k] = out_t(0.0f);
+        }
+      }
     } else {
       const Pack<x_t, N> xs = load_pack<N>(x + offset, valid, vectorized);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        result.v[k] = static_cast<out_t>(
-            drop_path_add_element(static_cast<acc_t>(r.v[k]), static_cast<acc_t>(xs.v[k]), factor, relu));
+        const acc_t x_k = static_cast<acc_t>(xs.v[k]);
+        if constexpr (kResidual) {
+          result.v[k] = static_cast<out_t>(drop_path_add_element(static_cast<acc_t>(r.v[k]), x_k, factor, relu));
+        } else {
+          result.v[k] = static_cast<out_t>(factor * x_k);
+        }
       }
     }
     store_pack<N>(out + offset, result, valid, vectorized);
   }
 
   bool aligned() const {
-    return is_pack_aligned<kPack>(x) && is_pack_aligned<kPack>(residual) && is_pack_aligned<kPack>(out);
+    return is_pack_aligned<kPack>(x) && (!kResidual || is_pack_aligned<kPack>(residual)) &&
+           is_pack_aligned<kPack>(out);
   }
-};
-
-// out = factor * x; a dropped row writes zeros without reading x.
-template <typename x_t, typename out_t>
-struct ScaleOp {
-  using acc_t = at::opmath_type<promoted_t<x_t, out_t>>;
-  static constexpr int kPack = pack_width<x_t, out_t>();
-  const x_t* x;
-  out_t* out;
-
-  template <int N>
-  __device__ __forceinline__ void apply(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
-    Pack<out_t, N> result;
-    if (factor == acc_t(0)) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) result.v[k] = out_t(0.0f);
-    } else {
-      const Pack<x_t, N> xs = load_pack<N>(x + offset, valid, vectorized);
-#pragma unroll
-      for (int k = 0; k < N; ++k) result.v[k] = static_cast<out_t>(factor * static_cast<acc_t>(xs.v[k]));
-    }
-    store_pack<N>(out + offset, result, valid, vectorized);
-  }
-
-  bool aligned() const { return is_pack_aligned<kPack>(x) && is_pack_aligned<kPack>(out); }
 };
 
 // grad_residual = grad * relu'(out), grad_x = factor * grad_residual.
@@ -309,8 +297,8 @@ Tensor drop_path_add_cuda(const Tensor& x, const Tensor& residual, const std::op
     STOCHDEPTH_DISPATCH_FLOATING(residual.scalar_type(), "drop_path_add_cuda_r", [&] {
       using r_t = scalar_t;
       using out_t = promoted_t<x_t, r_t>;
-      const AddOp<x_t, r_t, out_t> op{x_dense.const_data_ptr<x_t>(), r_dense.const_data_ptr<r_t>(),
-                                      out.mutable_data_ptr<out_t>(), relu};
+      const DropPathOp<x_t, r_t, out_t, true> op{x_dense.const_data_ptr<x_t>(), r_dense.const_data_ptr<r_t>(),
+                                                 out.mutable_data_ptr<out_t>(), relu};
       launch(op, out, coin.coin(training, batch_mode, scale_by_keep));
     });
   });
@@ -330,7 +318,8 @@ Tensor drop_path_cuda(const Tensor& x, const std::optional<Tensor>& seed, const 
     using x_t = scalar_t;
     STOCHDEPTH_DISPATCH_FLOATING(out.scalar_type(), "drop_path_cuda_out", [&] {
       using out_t = scalar_t;
-      const ScaleOp<x_t, out_t> op{x_dense.const_data_ptr<x_t>(), out.mutable_data_ptr<out_t>()};
+      const DropPathOp<x_t, x_t, out_t, false> op{x_dense.const_data_ptr<x_t>(), nullptr,
+                                                  out.mutable_data_ptr<out_t>(), false};
       launch(op, out, coin.coin(training, batch_mode, scale_by_keep));
     });
   });

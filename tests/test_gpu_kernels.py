@@ -1,0 +1,63 @@
+"""What every GPU kernel backend (Triton, CUDA) must pass on a GPU (marker ``cuda``): opcheck of its
+registered ops, a torch.compile(fullgraph=True) trace with a tensor p, and int64 indexing."""
+import pytest
+import torch
+
+from helpers import assert_matches, random_tensor
+from stochdepth_kernels import available_backends, fused_drop_path_add
+
+pytestmark = pytest.mark.cuda
+
+
+def registered_ops(backend):
+    """(drop_path_add, drop_path, drop_path_add_relu_backward) as registered torch.library ops."""
+    if backend == "triton":
+        from stochdepth_kernels import triton_backend as t
+
+        return t.triton_drop_path_add, t.triton_drop_path, t.triton_drop_path_add_relu_backward
+    native = torch.ops.stochdepth
+    return native.drop_path_add.default, native.drop_path.default, native.drop_path_add_relu_backward.default
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request):
+    if request.param not in available_backends("cuda"):
+        pytest.skip(f"backend {request.param!r} is not available on CUDA here")
+    return request.param
+
+
+def test_opcheck_and_compile(backend):
+    add, unary, relu_backward = registered_ops(backend)
+    x = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
+    residual = random_tensor((8, 16, 9, 9), torch.bfloat16, device="cuda").requires_grad_()
+    seed = torch.tensor([5], device="cuda")
+    p = torch.tensor(0.3, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(add, (x, residual, seed, p, True, "row", True, True))
+    torch.library.opcheck(unary, (x, seed, p, True, "batch", False, None))
+    out = torch.relu(random_tensor((8, 16, 9, 9), device="cuda"))
+    torch.library.opcheck(relu_backward, (random_tensor((8, 16, 9, 9), device="cuda"), out, seed, p, True, "row", True,
+                                          torch.float32, torch.float32))
+
+    @torch.compile(fullgraph=True)
+    def block(x, residual, p):
+        return fused_drop_path_add(x, residual, p, activation="relu", seed=seed, backend=backend)
+
+    compiled = block(x, residual, p)
+    assert_matches(compiled, fused_drop_path_add(x, residual, p, activation="relu", seed=5, backend="reference"))
+    compiled.float().sum().backward()
+    assert x.grad is not None and residual.grad is not None
+    block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
+
+
+def test_int64_indexing_past_2_31_elements(backend):
+    row = 2**30 + 3  # two rows: offsets of the second pass 2**31
+    x = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(2, row, device="cuda", dtype=torch.bfloat16)
+    for seed in range(4):
+        out = fused_drop_path_add(x, residual, 0.5, seed=seed, activation="relu", backend=backend)
+        tail = slice(row - 4096, row)
+        expected = fused_drop_path_add(x[:, tail], residual[:, tail], 0.5, seed=seed, activation="relu",
+                                       backend="reference")
+        assert_matches(out[:, tail], expected)
+    del x, residual, out
+    torch.cuda.empty_cache()
