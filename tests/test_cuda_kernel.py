@@ -1,5 +1,6 @@
-"""What is particular to the CUDA kernels: that they are built wherever nvcc is (CI, no GPU), and on
-a GPU (marker ``cuda``) their pack paths, gradcheck, CUDA-graph replays, errors and compute-sanitizer.
+"""What is particular to the CUDA kernels: that they are built wherever nvcc is (CI, no GPU); their
+pack paths, on the GPU and run thread by thread on the CPU (simulated_cuda.py); and on a GPU (marker
+``cuda``) gradcheck, CUDA-graph replays, errors and compute-sanitizer.
 The grid against the reference is in test_kernels_match_reference.py, opcheck, compile and int64
 indexing in test_gpu_kernels.py."""
 import os
@@ -12,8 +13,10 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import simulated_cuda
 from helpers import assert_matches, kept_rows, random_tensor, with_reference
-from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, ops
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, ops, reference
+from stochdepth_kernels.backends import BACKENDS
 from stochdepth_kernels.seeding import draw_seed
 
 native = torch.ops.stochdepth
@@ -34,29 +37,49 @@ def cuda_backend():
         pytest.skip("the CUDA kernels are not built")
 
 
-def offset_view(shape, dtype, offset):
+@pytest.fixture(params=[pytest.param((simulated_cuda.NAME, "cpu"), id="on-cpu"),
+                        pytest.param(("cuda", "cuda"), id="cuda", marks=gpu)])
+def cuda_kernel(request, monkeypatch):
+    """The CUDA kernel's backend and device: on the GPU, and run thread by thread on the CPU."""
+    backend, device = request.param
+    if backend == simulated_cuda.NAME:
+        monkeypatch.setitem(BACKENDS, backend, simulated_cuda.backend())
+    elif backend not in available_backends(device):
+        pytest.skip("the CUDA kernels are not built")
+    return backend, device
+
+
+def offset_view(shape, dtype, offset, device):
     """Standard-normal values at ``offset`` elements into their storage: a pointer that is not
     16-byte aligned when ``offset`` is odd."""
     numel = torch.Size(shape).numel()
-    return torch.randn(numel + offset, device="cuda").to(dtype)[offset:].view(shape)
+    return torch.randn(numel + offset, device=device).to(dtype)[offset:].view(shape)
 
 
-@gpu
 @pytest.mark.parametrize("shape, offset", [
     ((9, 1031), 0),        # chunked runs that are not whole packs: element by element
     ((1, 4099), 0),        # one run ending in a partial pack
     ((5, 4096), 1),        # whole packs, unaligned pointer
     ((5, 4096), 0),        # whole packs, 16-byte accesses
+    ((3, 2, 9000), 0),     # runs of several chunks, a block's range crossing runs
     ((37, 3, 5, 7), 0),    # runs shorter than a block's packs: element mode
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_every_pack_path_matches_reference(cuda_backend, shape, offset, dtype):
-    x, residual = offset_view(shape, dtype, offset), offset_view(shape, dtype, 0)
+def test_every_pack_path_matches_reference(cuda_kernel, shape, offset, dtype):
+    backend, device = cuda_kernel
+    x, residual = offset_view(shape, dtype, offset, device), offset_view(shape, dtype, 0, device)
     for activation in (None, "relu"):
-        out, expected = with_reference("cuda", fused_drop_path_add, x, residual, 0.5, activation=activation, seed=4)
+        out, expected = with_reference(backend, fused_drop_path_add, x, residual, 0.5, activation=activation, seed=4)
         assert_matches(out, expected)
-    out, expected = with_reference("cuda", drop_path, x, 0.5, seed=4)
+    out, expected = with_reference(backend, drop_path, x, 0.5, seed=4)
     assert_matches(out, expected, exact=True)
+    grad = offset_view(shape, dtype, offset, device)
+    out = torch.relu(offset_view(shape, dtype, 0, device))
+    seed, p = torch.tensor([4], device=device), torch.tensor(0.5, dtype=torch.float64, device=device)
+    registered = torch.ops.stochdepth_cuda_on_cpu if backend == simulated_cuda.NAME else native
+    for got, want in zip(registered.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype),
+                         reference.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype)):
+        assert_matches(got, want)
 
 
 @gpu

@@ -3,28 +3,37 @@ and activation: outputs, masks and gradients. A new kernel joins by adding a lin
 import pytest
 import torch
 
+import simulated_cuda
 from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor, with_reference
 from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+from stochdepth_kernels.backends import BACKENDS
 
 KERNELS = [
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton-interpreter"),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+    pytest.param((simulated_cuda.NAME, "cpu"), id="cuda-kernel-on-cpu"),
 ]
 
 
 @pytest.fixture(params=KERNELS)
-def kernel(request):
+def kernel(request, monkeypatch):
     backend, device = request.param
-    if backend not in available_backends(device):
+    if backend == simulated_cuda.NAME:
+        monkeypatch.setitem(BACKENDS, backend, simulated_cuda.backend())
+    elif backend not in available_backends(device):
         pytest.skip(f"backend {backend!r} does not run on {device} here")
     return backend, device
 
 
 def shape_for(kernel):
-    # Odd sizes: no row is a multiple of a vector width or block. Larger on a GPU.
-    return (37, 64, 28, 27) if kernel[1] == "cuda" else (7, 3, 5, 6)
+    # Odd sizes: no row is a multiple of a vector width or block. Larger on a GPU; for the CUDA
+    # kernel on the CPU, rows long enough for its chunked path (element by element only when
+    # batch-innermost).
+    if kernel[1] == "cuda":
+        return (37, 64, 28, 27)
+    return (5, 3, 31, 41) if kernel[0] == simulated_cuda.NAME else (7, 3, 5, 6)
 
 
 def skip_slow_on_interpreter(kernel, *layouts):
@@ -108,8 +117,6 @@ def test_registered_ops_match_the_eager_path(kernel, relu):
     """The public functions call the backend's eager autograd.Functions; torch.compile and direct
     callers get the registered ops. Same kernels, same rules: bit-identical outputs and gradients,
     double backward of the unary op included."""
-    from stochdepth_kernels.backends import BACKENDS
-
     backend = BACKENDS[kernel[0]]
     x0, r0 = (random_tensor(shape_for(kernel), torch.float64, device=kernel[1]) for _ in range(2))
     seed = torch.tensor([6], device=kernel[1])

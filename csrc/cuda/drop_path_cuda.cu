@@ -1,221 +1,22 @@
-// Fused CUDA kernels of the stochdepth:: ops, registered for the CUDA dispatch key of the schemas in
-// ops.cpp. Math from stochdepth_math.h (the CPU kernel and the tests run the same functions).
-//
-// A dense tensor is walked in memory order as runs of elements that share a batch row (one whole
-// sample when the batch dimension is outermost). Runs are cut into chunks of kThreads * kUnroll
-// packs; each block takes a contiguous range of chunks, so its row factor changes only between
-// runs and is uniform over a chunk: a dropped row skips its x loads without divergence. A pack is
-// N elements moved as one 16-byte access (N = 16 / the widest dtype of the call) when every pointer
-// is aligned and runs are whole packs; otherwise element by element. Runs shorter than a block's
-// packs (batch-innermost layouts) are walked element by element, each with its own row's factor.
-//
-// The seed and p are read in the kernel from device memory: no host synchronisation, one compiled
-// kernel for every p, and a CUDA graph replay reads whatever seed its captured randint just drew.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
+// The CUDA implementations of the stochdepth:: ops: the kernels and their host side live in
+// drop_path_kernel.cuh; this file launches them on the current stream of the tensors' device, with a
+// grid sized from the device's multiprocessor count, and registers them for the CUDA dispatch key.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdint>
-#include <optional>
 
-#include "../op_common.h"
-#include "../stochdepth_math.h"
+#include "drop_path_kernel.cuh"
 
 namespace stochdepth {
 namespace {
 
 using at::Tensor;
-
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;       // packs per thread per chunk
-constexpr int kBlocksPerSm = 8;  // 2048 resident threads per SM on A100 and H100
-constexpr int kPackBytes = 16;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p, int64_t valid, bool vectorized) {
-  if (vectorized && valid >= N) return *reinterpret_cast<const Pack<T, N>*>(p);
-  Pack<T, N> pack;
-#pragma unroll
-  for (int k = 0; k < N; ++k) pack.v[k] = k < valid ? p[k] : T(0.0f);
-  return pack;
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack, int64_t valid, bool vectorized) {
-  if (vectorized && valid >= N) {
-    *reinterpret_cast<Pack<T, N>*>(p) = pack;
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    if (k < valid) p[k] = pack.v[k];
-  }
-}
-
-template <int N, typename T>
-bool is_pack_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
-}
-
-template <typename... Ts>
-constexpr int pack_width() {
-  return kPackBytes / static_cast<int>(std::max({sizeof(Ts)...}));
-}
-
-// The coin inputs of a call, in device memory.
-struct Coin {
-  const int64_t* seed;  // nullptr: no coin is drawn (eval, or p known to be 0)
-  const double* p;
-  bool training;
-  bool batch_mode;
-  bool scale_by_keep;
-};
-
-// How the output's memory splits into runs and chunks (host-computed, one per launch).
-struct Geometry {
-  int64_t numel;
-  int64_t batch;
-  int64_t run_length;        // elements per run of one row in memory order
-  int64_t chunks_per_run;
-  int64_t chunks;
-  int64_t chunks_per_block;
-  bool element_mode;         // runs too short for chunks: element by element
-};
-
-// Calls op.apply<N>(factor, offset, valid, vectorized) over this block's share of the tensor: a
-// pack at `offset` with `valid` elements of its run left from there.
-template <int N, typename Op>
-__device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, const Geometry& g, bool vectorized) {
-  using acc_t = typename Op::acc_t;
-  const RowFactorParams params = make_row_factor_params(
-      *coin.p, coin.training && coin.seed != nullptr, coin.batch_mode, coin.scale_by_keep);
-  const uint64_t seed = params.sample ? static_cast<uint64_t>(*coin.seed) : 0u;
-  if (g.element_mode) {
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < g.numel; i += stride) {
-      op.template apply<1>(row_factor<acc_t>(params, seed, (i / g.run_length) % g.batch), i, 1, false);
-    }
-    return;
-  }
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.chunks_per_block;
-  const int64_t last = first + g.chunks_per_block < g.chunks ? first + g.chunks_per_block : g.chunks;
-  if (first >= last) return;
-  int64_t run = first / g.chunks_per_run;
-  int64_t chunk_in_run = first - run * g.chunks_per_run;
-  acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
-  for (int64_t chunk = first; chunk < last; ++chunk) {
-    const int64_t start = chunk_in_run * kChunk;
-    const int64_t base = run * g.run_length + start;
-    const int64_t remaining = g.run_length - start;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
-      if (i < remaining) op.template apply<N>(factor, base + i, remaining - i, vectorized);
-    }
-    if (++chunk_in_run == g.chunks_per_run && chunk + 1 < last) {
-      chunk_in_run = 0;
-      ++run;
-      factor = row_factor<acc_t>(params, seed, run % g.batch);
-    }
-  }
-}
-
-template <int N, typename Op>
-__global__ void __launch_bounds__(kThreads) drop_path_kernel(Op op, Coin coin, Geometry geometry, bool vectorized) {
-  for_each_pack<N>(op, coin, geometry, vectorized);
-}
-
-// With a residual: out = act(residual + factor * x), a dropped row reading only the residual.
-// Without (kResidual false, r_t unused): out = factor * x, a dropped row writing zeros unread.
-template <typename x_t, typename r_t, typename out_t, bool kResidual>
-struct DropPathOp {
-  using acc_t = at::opmath_type<promoted_t<x_t, out_t>>;
-  static constexpr int kPack = kResidual ? pack_width<x_t, r_t, out_t>() : pack_width<x_t, out_t>();
-  const x_t* x;
-  const r_t* residual;
-  out_t* out;
-  bool relu;
-
-  template <int N>
-  __device__ __forceinline__ void apply(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
-    Pack<r_t, N> r{};
-    if constexpr (kResidual) r = load_pack<N>(residual + offset, valid, vectorized);
-    Pack<out_t, N> result;
-    if (factor == acc_t(0)) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        if constexpr (kResidual) {
-          result.v[k] = static_cast<out_t>(dropped_element(static_cast<acc_t>(r.v[k]), relu));
-        } else {
-          result.v[k] = out_t(0.0f);
-        }
-      }
-    } else {
-      const Pack<x_t, N> xs = load_pack<N>(x + offset, valid, vectorized);
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const acc_t x_k = static_cast<acc_t>(xs.v[k]);
-        if constexpr (kResidual) {
-          result.v[k] = static_cast<out_t>(drop_path_add_element(static_cast<acc_t>(r.v[k]), x_k, factor, relu));
-        } else {
-          result.v[k] = static_cast<out_t>(factor * x_k);
-        }
-      }
-    }
-    store_pack<N>(out + offset, result, valid, vectorized);
-  }
-
-  bool aligned() const {
-    return is_pack_aligned<kPack>(x) && (!kResidual || is_pack_aligned<kPack>(residual)) &&
-           is_pack_aligned<kPack>(out);
-  }
-};
-
-// grad_residual = grad * relu'(out), grad_x = factor * grad_residual.
-template <typename g_t, typename gx_t, typename gr_t>
-struct ReluBackwardOp {
-  using acc_t = at::opmath_type<g_t>;
-  static constexpr int kPack = pack_width<g_t, gx_t, gr_t>();
-  const g_t* grad;
-  const g_t* out;
-  gx_t* grad_x;
-  gr_t* grad_residual;
-
-  template <int N>
-  __device__ __forceinline__ void apply(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
-    const Pack<g_t, N> g = load_pack<N>(grad + offset, valid, vectorized);
-    const Pack<g_t, N> o = load_pack<N>(out + offset, valid, vectorized);
-    Pack<gx_t, N> gx;
-    Pack<gr_t, N> gr;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const acc_t value = relu_backward_element(static_cast<acc_t>(g.v[k]), static_cast<acc_t>(o.v[k]));
-      gr.v[k] = static_cast<gr_t>(value);
-      gx.v[k] = static_cast<gx_t>(factor * value);
-    }
-    store_pack<N>(grad_residual + offset, gr, valid, vectorized);
-    store_pack<N>(grad_x + offset, gx, valid, vectorized);
-  }
-
-  bool aligned() const {
-    return is_pack_aligned<kPack>(grad) && is_pack_aligned<kPack>(out) && is_pack_aligned<kPack>(grad_x) &&
-           is_pack_aligned<kPack>(grad_residual);
-  }
-};
+using namespace kernel;
 
 int multiprocessor_count(c10::DeviceIndex device) {
   static std::array<std::atomic<int>, 64> cache{};
@@ -228,130 +29,37 @@ int multiprocessor_count(c10::DeviceIndex device) {
   return count;
 }
 
-// Keeps the call's device-resident seed and p alive until the launch is enqueued.
-struct CoinTensors {
-  std::optional<Tensor> seed;
-  Tensor p;
+struct GpuLauncher {
+  int64_t max_blocks(const Tensor& layout) const {
+    return static_cast<int64_t>(multiprocessor_count(layout.get_device())) * kBlocksPerSm;
+  }
 
-  Coin coin(bool training, bool batch_mode, bool scale_by_keep) const {
-    return Coin{seed ? seed->const_data_ptr<int64_t>() : nullptr, p.const_data_ptr<double>(), training, batch_mode,
-                scale_by_keep};
+  template <typename Op>
+  void operator()(const Op& op, const Coin& coin, const LaunchPlan& plan) const {
+    drop_path_kernel<Op::kPack><<<static_cast<unsigned>(plan.blocks), kThreads, 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(op, coin, plan.geometry, plan.vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
-CoinTensors coin_on_device(const std::optional<Tensor>& seed, const Tensor& p, const Tensor& out) {
-  check_p(p);
-  check_seed(seed);
-  if (p.is_cpu()) {  // a value the host holds is checked; one on the device would cost a sync
-    const double value = p.item<double>();
-    TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, "p must be in [0, 1], got ", std::to_string(value));
-  }
-  CoinTensors tensors{std::nullopt, p.to(out.device(), at::kDouble)};
-  if (seed) tensors.seed = seed->to(out.device());
-  return tensors;
-}
-
-// Launches drop_path_kernel for `op` over `layout` (the dense output every pointer shares).
-template <typename Op>
-void launch(const Op& op, const Tensor& layout, const Coin& coin) {
-  constexpr int N = Op::kPack;
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
-  Geometry g{};
-  g.numel = layout.numel();
-  g.batch = layout.size(0);
-  g.run_length = g.batch > 1 ? layout.stride(0) : g.numel;
-  const int64_t runs = g.numel / g.run_length;
-  g.element_mode = g.run_length < static_cast<int64_t>(kThreads) * N;
-  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(layout.get_device())) * kBlocksPerSm;
-  int64_t blocks;
-  if (g.element_mode) {
-    blocks = std::min((g.numel + kThreads - 1) / kThreads, max_blocks);
-  } else {
-    g.chunks_per_run = (g.run_length + kChunk - 1) / kChunk;
-    g.chunks = runs * g.chunks_per_run;
-    g.chunks_per_block = (g.chunks + max_blocks - 1) / max_blocks;
-    blocks = (g.chunks + g.chunks_per_block - 1) / g.chunks_per_block;
-  }
-  const bool vectorized = (runs == 1 || g.run_length % N == 0) && op.aligned();
-  drop_path_kernel<N><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      op, coin, g, vectorized);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-#define STOCHDEPTH_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 Tensor drop_path_add_cuda(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
                           const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep, bool relu) {
-  check_same_batched_shape(x, "x", residual, "residual");
-  check_same_device(x, "x", residual, "residual");
-  const bool batch_mode = is_batch_mode(mode);
   const c10::cuda::CUDAGuard guard(residual.device());
-  Tensor out = at::empty_like(residual, residual.options().dtype(c10::promoteTypes(x.scalar_type(), residual.scalar_type())));
-  if (out.numel() == 0) return out;
-  const CoinTensors coin = coin_on_device(seed, p, out);
-  const Tensor x_dense = in_layout_of(x, out);
-  const Tensor r_dense = in_layout_of(residual, out);
-  STOCHDEPTH_DISPATCH_FLOATING(x.scalar_type(), "drop_path_add_cuda_x", [&] {
-    using x_t = scalar_t;
-    STOCHDEPTH_DISPATCH_FLOATING(residual.scalar_type(), "drop_path_add_cuda_r", [&] {
-      using r_t = scalar_t;
-      using out_t = promoted_t<x_t, r_t>;
-      const DropPathOp<x_t, r_t, out_t, true> op{x_dense.const_data_ptr<x_t>(), r_dense.const_data_ptr<r_t>(),
-                                                 out.mutable_data_ptr<out_t>(), relu};
-      launch(op, out, coin.coin(training, batch_mode, scale_by_keep));
-    });
-  });
-  return out;
+  return drop_path_add_with(GpuLauncher{}, x, residual, seed, p, training, mode, scale_by_keep, relu);
 }
 
 Tensor drop_path_cuda(const Tensor& x, const std::optional<Tensor>& seed, const Tensor& p, bool training,
                       c10::string_view mode, bool scale_by_keep, std::optional<at::ScalarType> out_dtype) {
-  check_batched(x, "x");
-  const bool batch_mode = is_batch_mode(mode);
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor out = at::empty_like(x, x.options().dtype(out_dtype.value_or(x.scalar_type())));
-  if (out.numel() == 0) return out;
-  const CoinTensors coin = coin_on_device(seed, p, out);
-  const Tensor x_dense = in_layout_of(x, out);
-  STOCHDEPTH_DISPATCH_FLOATING(x.scalar_type(), "drop_path_cuda_x", [&] {
-    using x_t = scalar_t;
-    STOCHDEPTH_DISPATCH_FLOATING(out.scalar_type(), "drop_path_cuda_out", [&] {
-      using out_t = scalar_t;
-      const DropPathOp<x_t, x_t, out_t, false> op{x_dense.const_data_ptr<x_t>(), nullptr,
-                                                  out.mutable_data_ptr<out_t>(), false};
-      launch(op, out, coin.coin(training, batch_mode, scale_by_keep));
-    });
-  });
-  return out;
+  return drop_path_with(GpuLauncher{}, x, seed, p, training, mode, scale_by_keep, out_dtype);
 }
 
 std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cuda(
     const Tensor& grad, const Tensor& out, const std::optional<Tensor>& seed, const Tensor& p, bool training,
     c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
-  check_same_batched_shape(out, "out", grad, "grad");
-  check_same_device(out, "out", grad, "grad");
-  check_relu_backward_out(out, x_dtype, residual_dtype);
-  const bool batch_mode = is_batch_mode(mode);
   const c10::cuda::CUDAGuard guard(out.device());
-  Tensor grad_x = at::empty_like(out, out.options().dtype(x_dtype));
-  Tensor grad_residual = at::empty_like(out, out.options().dtype(residual_dtype));
-  if (out.numel() == 0) return {grad_x, grad_residual};
-  const CoinTensors coin = coin_on_device(seed, p, out);
-  const Tensor out_dense = in_layout_of(out, grad_x);
-  const Tensor grad_dense = in_layout_of(grad.to(out.scalar_type()), grad_x);
-  STOCHDEPTH_DISPATCH_FLOATING(x_dtype, "relu_backward_cuda_x", [&] {
-    using gx_t = scalar_t;
-    STOCHDEPTH_DISPATCH_FLOATING(residual_dtype, "relu_backward_cuda_r", [&] {
-      using gr_t = scalar_t;
-      using g_t = promoted_t<gx_t, gr_t>;
-      const ReluBackwardOp<g_t, gx_t, gr_t> op{grad_dense.const_data_ptr<g_t>(), out_dense.const_data_ptr<g_t>(),
-                                               grad_x.mutable_data_ptr<gx_t>(),
-                                               grad_residual.mutable_data_ptr<gr_t>()};
-      launch(op, grad_x, coin.coin(training, batch_mode, scale_by_keep));
-    });
-  });
-  return {grad_x, grad_residual};
+  return drop_path_add_relu_backward_with(GpuLauncher{}, grad, out, seed, p, training, mode, scale_by_keep,
+                                          x_dtype, residual_dtype);
 }
 
 }  // namespace

@@ -1,0 +1,370 @@
+// The CUDA kernels of the stochdepth:: ops and everything a call does around them but the launch
+// itself, which the caller's `launcher` does: drop_path_cuda.cu launches on the GPU; the tests
+// (tests/cuda_kernel_on_cpu.cpp) run the same kernels on the CPU one (block, thread) at a time, so
+// CI checks their indexing without a GPU. Math from stochdepth_math.h.
+//
+// A dense tensor is walked in memory order as runs of elements that share a batch row (one whole
+// sample when the batch dimension is outermost). Runs are cut into chunks of kThreads * kUnroll
+// packs; each block takes a contiguous range of chunks, so its row factor changes only between
+// runs and is uniform over a chunk: a dropped row skips its x loads without divergence. A pack is
+// N elements moved as one 16-byte access (N = 16 / the widest dtype of the call) when every pointer
+// is aligned and runs are whole packs; otherwise element by element. Runs shorter than a block's
+// packs (batch-innermost layouts) are walked element by element, each with its own row's factor.
+//
+// The seed and p are read in the kernel from device memory: no host synchronisation, one compiled
+// kernel for every p, and a CUDA graph replay reads whatever seed its captured randint just drew.
+// The kernels use no shared memory and no barriers.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../op_common.h"
+#include "../stochdepth_math.h"
+
+namespace stochdepth::kernel {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;       // packs per thread per chunk
+// 512 resident threads per SM, up to 128 registers each: no kernel spills (ptxas -v, sm_90), and
+// each thread keeps kUnroll 16-byte loads per input in flight, ~64 KiB per SM.
+constexpr int kBlocksPerSm = 2;
+constexpr int kPackBytes = 16;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p, int64_t valid, bool vectorized) {
+  if (vectorized && valid >= N) return *reinterpret_cast<const Pack<T, N>*>(p);
+  Pack<T, N> pack;
+#pragma unroll
+  for (int k = 0; k < N; ++k) pack.v[k] = k < valid ? p[k] : T(0.0f);
+  return pack;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& pack, int64_t valid, bool vectorized) {
+  if (vectorized && valid >= N) {
+    *reinterpret_cast<Pack<T, N>*>(p) = pack;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (k < valid) p[k] = pack.v[k];
+  }
+}
+
+template <int N, typename T>
+bool is_pack_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
+}
+
+template <typename... Ts>
+constexpr int pack_width() {
+  return kPackBytes / static_cast<int>(std::max({sizeof(Ts)...}));
+}
+
+// The coin inputs of a call, in device memory.
+struct Coin {
+  const int64_t* seed;  // nullptr: no coin is drawn (eval, or p known to be 0)
+  const double* p;
+  bool training;
+  bool batch_mode;
+  bool scale_by_keep;
+};
+
+// How the output's memory splits into runs and chunks (host-computed, one per launch).
+struct Geometry {
+  int64_t numel;
+  int64_t batch;
+  int64_t run_length;        // elements per run of one row in memory order
+  int64_t chunks_per_run;
+  int64_t chunks;
+  int64_t chunks_per_block;
+  bool element_mode;         // runs too short for chunks: element by element
+};
+
+// Runs `op` over this block's share of the tensor, a pack at a time: op.load<N>(factor, offset,
+// valid, vectorized) reads the pack at `offset` (`valid` elements of its run left from there) and
+// op.store<N>(factor, loaded, ...) writes its results. A thread loads all kUnroll packs of a chunk
+// before storing any, so its loads are in flight together.
+template <int N, typename Op>
+__device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, const Geometry& g, bool vectorized) {
+  using acc_t = typename Op::acc_t;
+  const RowFactorParams params = make_row_factor_params(
+      *coin.p, coin.training && coin.seed != nullptr, coin.batch_mode, coin.scale_by_keep);
+  const uint64_t seed = params.sample ? static_cast<uint64_t>(*coin.seed) : 0u;
+  if (g.element_mode) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < g.numel; i += stride) {
+      const acc_t factor = row_factor<acc_t>(params, seed, (i / g.run_length) % g.batch);
+      op.template store<1>(factor, op.template load<1>(factor, i, 1, false), i, 1, false);
+    }
+    return;
+  }
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.chunks_per_block;
+  const int64_t last = first + g.chunks_per_block < g.chunks ? first + g.chunks_per_block : g.chunks;
+  if (first >= last) return;
+  int64_t run = first / g.chunks_per_run;
+  int64_t chunk_in_run = first - run * g.chunks_per_run;
+  acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
+  for (int64_t chunk = first; chunk < last; ++chunk) {
+    const int64_t start = chunk_in_run * kChunk;
+    const int64_t base = run * g.run_length + start;
+    const int64_t remaining = g.run_length - start;
+    typename Op::template Loaded<N> loaded[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
+      if (i < remaining) loaded[u] = op.template load<N>(factor, base + i, remaining - i, vectorized);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
+      if (i < remaining) op.template store<N>(factor, loaded[u], base + i, remaining - i, vectorized);
+    }
+    if (++chunk_in_run == g.chunks_per_run && chunk + 1 < last) {
+      chunk_in_run = 0;
+      ++run;
+      factor = row_factor<acc_t>(params, seed, run % g.batch);
+    }
+  }
+}
+
+template <int N, typename Op>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    drop_path_kernel(Op op, Coin coin, Geometry geometry, bool vectorized) {
+  for_each_pack<N>(op, coin, geometry, vectorized);
+}
+
+// With a residual: out = act(residual + factor * x), a dropped row reading only the residual.
+// Without (kResidual false, r_t unused): out = factor * x, a dropped row writing zeros unread.
+template <typename x_t, typename r_t, typename out_t, bool kResidual>
+struct DropPathOp {
+  using acc_t = at::opmath_type<promoted_t<x_t, out_t>>;
+  static constexpr int kPack = kResidual ? pack_width<x_t, r_t, out_t>() : pack_width<x_t, out_t>();
+  template <int N>
+  struct Loaded {
+    Pack<x_t, N> x;
+    Pack<r_t, N> residual;
+  };
+  const x_t* x;
+  const r_t* residual;
+  out_t* out;
+  bool relu;
+
+  template <int N>
+  __device__ __forceinline__ Loaded<N> load(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
+    Loaded<N> loaded{};
+    if constexpr (kResidual) loaded.residual = load_pack<N>(residual + offset, valid, vectorized);
+    if (factor != acc_t(0)) loaded.x = load_pack<N>(x + offset, valid, vectorized);
+    return loaded;
+  }
+
+  template <int N>
+  __device__ __forceinline__ void store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
+                                        bool vectorized) const {
+    Pack<out_t, N> result;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const acc_t x_k = static_cast<acc_t>(in.x.v[k]);
+      if constexpr (kResidual) {
+        const acc_t r_k = static_cast<acc_t>(in.residual.v[k]);
+        result.v[k] = static_cast<out_t>(factor == acc_t(0) ? dropped_element(r_k, relu)
+                                                            : drop_path_add_element(r_k, x_k, factor, relu));
+      } else {
+        result.v[k] = static_cast<out_t>(factor == acc_t(0) ? acc_t(0) : factor * x_k);
+      }
+    }
+    store_pack<N>(out + offset, result, valid, vectorized);
+  }
+
+  bool aligned() const {
+    return is_pack_aligned<kPack>(x) && (!kResidual || is_pack_aligned<kPack>(residual)) &&
+           is_pack_aligned<kPack>(out);
+  }
+};
+
+// grad_residual = grad * relu'(out), grad_x = factor * grad_residual (exactly 0 in a dropped row).
+template <typename g_t, typename gx_t, typename gr_t>
+struct ReluBackwardOp {
+  using acc_t = at::opmath_type<g_t>;
+  static constexpr int kPack = pack_width<g_t, gx_t, gr_t>();
+  template <int N>
+  struct Loaded {
+    Pack<g_t, N> grad;
+    Pack<g_t, N> out;
+  };
+  const g_t* grad;
+  const g_t* out;
+  gx_t* grad_x;
+  gr_t* grad_residual;
+
+  template <int N>
+  __device__ __forceinline__ Loaded<N> load(acc_t, int64_t offset, int64_t valid, bool vectorized) const {
+    return Loaded<N>{load_pack<N>(grad + offset, valid, vectorized), load_pack<N>(out + offset, valid, vectorized)};
+  }
+
+  template <int N>
+  __device__ __forceinline__ void store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
+                                        bool vectorized) const {
+    Pack<gx_t, N> gx;
+    Pack<gr_t, N> gr;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const acc_t value = relu_backward_element(static_cast<acc_t>(in.grad.v[k]), static_cast<acc_t>(in.out.v[k]));
+      gr.v[k] = static_cast<gr_t>(value);
+      gx.v[k] = static_cast<gx_t>(factor == acc_t(0) ? acc_t(0) : factor * value);
+    }
+    store_pack<N>(grad_residual + offset, gr, valid, vectorized);
+    store_pack<N>(grad_x + offset, gx, valid, vectorized);
+  }
+
+  bool aligned() const {
+    return is_pack_aligned<kPack>(grad) && is_pack_aligned<kPack>(out) && is_pack_aligned<kPack>(grad_x) &&
+           is_pack_aligned<kPack>(grad_residual);
+  }
+};
+
+// Keeps the call's device-resident seed and p alive until the launch is enqueued.
+struct CoinTensors {
+  std::optional<Tensor> seed;
+  Tensor p;
+
+  Coin coin(bool training, bool batch_mode, bool scale_by_keep) const {
+    return Coin{seed ? seed->const_data_ptr<int64_t>() : nullptr, p.const_data_ptr<double>(), training, batch_mode,
+                scale_by_keep};
+  }
+};
+
+inline CoinTensors coin_on_device(const std::optional<Tensor>& seed, const Tensor& p, const Tensor& out) {
+  check_p(p);
+  check_seed(seed);
+  if (p.is_cpu()) {  // a value the host holds is checked; one on the device would cost a sync
+    const double value = p.item<double>();
+    TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, "p must be in [0, 1], got ", std::to_string(value));
+  }
+  CoinTensors tensors{std::nullopt, p.to(out.device(), at::kDouble)};
+  if (seed) tensors.seed = seed->to(out.device());
+  return tensors;
+}
+
+// How one launch covers `layout` (the dense tensor every pointer of `op` shares) with at most
+// `max_blocks` blocks.
+struct LaunchPlan {
+  Geometry geometry;
+  int64_t blocks;
+  bool vectorized;
+};
+
+template <typename Op>
+LaunchPlan plan_launch(const Op& op, const Tensor& layout, int64_t max_blocks) {
+  constexpr int N = Op::kPack;
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
+  Geometry g{};
+  g.numel = layout.numel();
+  g.batch = layout.size(0);
+  g.run_length = g.batch > 1 ? layout.stride(0) : g.numel;
+  const int64_t runs = g.numel / g.run_length;
+  g.element_mode = g.run_length < static_cast<int64_t>(kThreads) * N;
+  int64_t blocks;
+  if (g.element_mode) {
+    blocks = std::min((g.numel + kThreads - 1) / kThreads, max_blocks);
+  } else {
+    g.chunks_per_run = (g.run_length + kChunk - 1) / kChunk;
+    g.chunks = runs * g.chunks_per_run;
+    g.chunks_per_block = (g.chunks + max_blocks - 1) / max_blocks;
+    blocks = (g.chunks + g.chunks_per_block - 1) / g.chunks_per_block;
+  }
+  return LaunchPlan{g, blocks, (runs == 1 || g.run_length % N == 0) && op.aligned()};
+}
+
+#define STOCHDEPTH_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+template <typename Launcher>
+Tensor drop_path_add_with(const Launcher& launcher, const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
+                          const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep, bool relu) {
+  check_same_batched_shape(x, "x", residual, "residual");
+  check_same_device(x, "x", residual, "residual");
+  const bool batch_mode = is_batch_mode(mode);
+  Tensor out = at::empty_like(residual, residual.options().dtype(c10::promoteTypes(x.scalar_type(), residual.scalar_type())));
+  if (out.numel() == 0) return out;
+  const CoinTensors coin = coin_on_device(seed, p, out);
+  const Tensor x_dense = in_layout_of(x, out);
+  const Tensor r_dense = in_layout_of(residual, out);
+  STOCHDEPTH_DISPATCH_FLOATING(x.scalar_type(), "drop_path_add_cuda_x", [&] {
+    using x_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(residual.scalar_type(), "drop_path_add_cuda_r", [&] {
+      using r_t = scalar_t;
+      using out_t = promoted_t<x_t, r_t>;
+      const DropPathOp<x_t, r_t, out_t, true> op{x_dense.const_data_ptr<x_t>(), r_dense.const_data_ptr<r_t>(),
+                                                 out.mutable_data_ptr<out_t>(), relu};
+      launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, out, launcher.max_blocks(out)));
+    });
+  });
+  return out;
+}
+
+template <typename Launcher>
+Tensor drop_path_with(const Launcher& launcher, const Tensor& x, const std::optional<Tensor>& seed, const Tensor& p, bool training,
+                      c10::string_view mode, bool scale_by_keep, std::optional<at::ScalarType> out_dtype) {
+  check_batched(x, "x");
+  const bool batch_mode = is_batch_mode(mode);
+  Tensor out = at::empty_like(x, x.options().dtype(out_dtype.value_or(x.scalar_type())));
+  if (out.numel() == 0) return out;
+  const CoinTensors coin = coin_on_device(seed, p, out);
+  const Tensor x_dense = in_layout_of(x, out);
+  STOCHDEPTH_DISPATCH_FLOATING(x.scalar_type(), "drop_path_cuda_x", [&] {
+    using x_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(out.scalar_type(), "drop_path_cuda_out", [&] {
+      using out_t = scalar_t;
+      const DropPathOp<x_t, x_t, out_t, false> op{x_dense.const_data_ptr<x_t>(), nullptr,
+                                                  out.mutable_data_ptr<out_t>(), false};
+      launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, out, launcher.max_blocks(out)));
+    });
+  });
+  return out;
+}
+
+template <typename Launcher>
+std::tuple<Tensor, Tensor> drop_path_add_relu_backward_with(
+    const Launcher& launcher, const Tensor& grad, const Tensor& out, const std::optional<Tensor>& seed, const Tensor& p, bool training,
+    c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
+  check_same_batched_shape(out, "out", grad, "grad");
+  check_same_device(out, "out", grad, "grad");
+  check_relu_backward_out(out, x_dtype, residual_dtype);
+  const bool batch_mode = is_batch_mode(mode);
+  Tensor grad_x = at::empty_like(out, out.options().dtype(x_dtype));
+  Tensor grad_residual = at::empty_like(out, out.options().dtype(residual_dtype));
+  if (out.numel() == 0) return {grad_x, grad_residual};
+  const CoinTensors coin = coin_on_device(seed, p, out);
+  const Tensor out_dense = in_layout_of(out, grad_x);
+  const Tensor grad_dense = in_layout_of(grad.to(out.scalar_type()), grad_x);
+  STOCHDEPTH_DISPATCH_FLOATING(x_dtype, "relu_backward_cuda_x", [&] {
+    using gx_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(residual_dtype, "relu_backward_cuda_r", [&] {
+      using gr_t = scalar_t;
+      using g_t = promoted_t<gx_t, gr_t>;
+      const ReluBackwardOp<g_t, gx_t, gr_t> op{grad_dense.const_data_ptr<g_t>(), out_dense.const_data_ptr<g_t>(),
+                                               grad_x.mutable_data_ptr<gx_t>(),
+                                               grad_residual.mutable_data_ptr<gr_t>()};
+      launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, grad_x, launcher.max_blocks(grad_x)));
+    });
+  });
+  return {grad_x, grad_residual};
+}
+
+}  // namespace stochdepth::kernel

@@ -1,0 +1,26 @@
+"""The CUDA kernels run on the CPU (tests/cuda_kernel_on_cpu.cpp builds them with a sequential
+launcher) as a backend the tests can select, so CI checks the kernels' indexing without a GPU."""
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from stochdepth_kernels.backends import Backend
+from stochdepth_kernels.ops import eager_autograd, register_drop_path_autograd
+
+NAME = "cuda-kernel-on-cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def backend() -> Backend:
+    """Builds the simulator (~10 s; a fresh directory, so an edited header is never a stale build)."""
+    cpp_extension.load(name="stochdepth_cuda_kernel_on_cpu", sources=[str(ROOT / "tests" / "cuda_kernel_on_cpu.cpp")],
+                       extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], is_python_module=False,
+                       build_directory=tempfile.mkdtemp(prefix="cuda_kernel_on_cpu_"))
+    ops = torch.ops.stochdepth_cuda_on_cpu
+    registered = (ops.drop_path_add.default, ops.drop_path.default, ops.drop_path_add_relu_backward.default)
+    register_drop_path_autograd(*registered)
+    return Backend(NAME, ("cpu",), registered[:2], eager_autograd(*registered))
