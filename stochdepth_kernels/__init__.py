@@ -1,6 +1,9 @@
 """Fused stochastic depth (drop path) + residual add for PyTorch. See DESIGN.md for the contract."""
 from stochdepth_kernels import ops as _ops  # noqa: F401  (loads the native library, registers ops)
 from stochdepth_kernels.functional import available_backends, drop_path, fused_drop_path_add
+from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, stochastic_depth
+from stochdepth_kernels.schedules import DropRateWarmup, drop_path_rates
 
-__all__ = ["available_backends", "drop_path", "fused_drop_path_add"]
+__all__ = ["DropPath", "DropPathAdd", "DropRateWarmup", "StochasticDepth", "available_backends", "drop_path",
+           "drop_path_rates", "fused_drop_path_add", "stochastic_depth"]
 __version__ = "0.1.0"

@@ -36,9 +36,17 @@ def check_pair(x: Tensor, residual: Tensor) -> None:
         raise ValueError(f"x and residual must be on the same device, got {x.device} and {residual.device}")
 
 
-def _check_probability_value(value: float) -> None:
+def _check_probability_value(value: float, name: str = "p") -> None:
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1], got {value}")
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def check_probability(value, name: str) -> float:
+    """A probability given as a Python number, as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    _check_probability_value(float(value), name)
+    return float(value)
 
 
 def probability_tensor(p, device: torch.device) -> Tensor:

@@ -1,0 +1,154 @@
+"""``nn.Module`` forms of the op, and torchvision's ``stochastic_depth`` function.
+
+Every module holds its drop probability as a non-persistent float64 buffer ``p``: it moves with
+the module, a compiled model reads it as a tensor (changing it never recompiles), and state dicts
+stay those of timm / torchvision. Set it through ``drop_prob`` (which also keeps the host's copy of
+the value that lets an eager call with ``p == 0`` skip the kernel).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from stochdepth_kernels import validation
+from stochdepth_kernels.functional import drop_path, fused_drop_path_add
+from stochdepth_kernels.reference import philox_uniform
+from stochdepth_kernels.seeding import draw_seed
+
+__all__ = ["DropPath", "DropPathAdd", "StochasticDepth", "stochastic_depth"]
+
+
+class _HasDropProbability(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.register_buffer("p", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.drop_prob = p
+
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = validation.check_probability(value, "drop_prob")
+        with torch.no_grad():
+            self.p.fill_(self._drop_prob)
+
+    def _p(self):
+        """What the op gets: the host value while it is 0 in eager mode (no coin drawn, no kernel when
+        the factor is 1), else the buffer."""
+        return self.p if torch.compiler.is_compiling() or self._drop_prob != 0.0 else 0.0
+
+
+class DropPath(_HasDropProbability):
+    """Drop-in for ``timm.layers.DropPath``: ``drop_path(x)`` with one coin per sample, kept samples
+    scaled by ``1/(1 - drop_prob)`` if ``scale_by_keep``; the same constructor, attributes,
+    ``extra_repr`` and (empty) state dict. As timm's, it returns ``x`` itself in eval whatever
+    ``scale_by_keep`` (the functional ``drop_path`` with ``scale_by_keep=False`` scales eval by
+    ``1 - p``, the paper's rule). ``mode="batch"`` (not in timm): one coin per batch."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True, mode: str = "row"):
+        super().__init__(drop_prob)
+        validation.check_choice(mode, "mode", validation.MODES)
+        self.scale_by_keep, self.mode = scale_by_keep, mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        return drop_path(x, self._p(), mode=self.mode, scale_by_keep=self.scale_by_keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Returns ``out``; gives each of ``params`` a zero gradient, so that a skipped branch's
+    parameters take part in backward (DistributedDataParallel needs no ``find_unused_parameters``)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.params = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.params))
+
+
+class DropPathAdd(_HasDropProbability):
+    """``forward(x, residual) = act(residual + drop_path(x))`` in one kernel (:func:`fused_drop_path_add`).
+
+    :meth:`add_branch` takes the branch as a function instead: in training with ``mode="batch"`` the
+    batch's coin is tossed on the host (the CPU generator, the same Philox function) before the
+    branch runs, so a dropped batch skips its forward and backward entirely and its parameters get
+    zero gradients.
+    """
+
+    def __init__(self, p: float = 0.0, activation: str | None = None, mode: str = "row", scale_by_keep: bool = True):
+        super().__init__(p)
+        validation.check_choice(activation, "activation", validation.ACTIVATIONS)
+        validation.check_choice(mode, "mode", validation.MODES)
+        self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return fused_drop_path_add(x, residual, self._p(), training=self.training, mode=self.mode,
+                                   scale_by_keep=self.scale_by_keep, activation=self.activation)
+
+    def add_branch(self, branch: Callable[[], Tensor], residual: Tensor,
+                   parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
+        """``forward(branch(), residual)``, skipping ``branch`` (whose weights ``parameters()`` lists)
+        when its batch is dropped."""
+        if self.mode != "batch" or not self.training or self._drop_prob == 0.0:
+            return self(branch(), residual)
+        keep = 1.0 - self._drop_prob
+        seed = draw_seed(torch.device("cpu"))
+        if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
+            # The factor is known on the host: no seed goes to the device.
+            out = torch.add(residual, branch(), alpha=1.0 / keep if self.scale_by_keep else 1.0)
+            return out.relu_() if self.activation == "relu" else out
+        out = torch.relu(residual) if self.activation == "relu" else residual.clone()
+        trained = [p for p in parameters() if p.requires_grad]
+        return _ZeroGradients.apply(out, *trained) if trained and torch.is_grad_enabled() else out
+
+    def extra_repr(self) -> str:
+        return (f"p={round(self.drop_prob, 3):0.3f}, activation={self.activation!r}, mode={self.mode!r}, "
+                f"scale_by_keep={self.scale_by_keep}")
+
+
+class StochasticDepth(nn.Module):
+    """A residual block ``act(shortcut(x) + drop(branch(x)))`` around ``branch``: one coin per sample
+    (``mode="row"``) or per batch (``mode="batch"``, where a dropped batch skips ``branch``'s
+    forward and backward; its parameters get zero gradients). ``shortcut`` (default identity) runs
+    whatever the coin: the paper drops only the branch."""
+
+    def __init__(self, branch: nn.Module, p: float = 0.0, mode: str = "row", shortcut: nn.Module | None = None,
+                 activation: str | None = None, scale_by_keep: bool = True):
+        super().__init__()
+        self.branch, self.shortcut = branch, shortcut
+        self.drop = DropPathAdd(p, activation=activation, mode=mode, scale_by_keep=scale_by_keep)
+
+    @property
+    def drop_prob(self) -> float:
+        return self.drop.drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self.drop.drop_prob = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.drop.add_branch(lambda: self.branch(x), identity, self.branch.parameters)
+
+
+def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
+    """torchvision's ``torchvision.ops.stochastic_depth``: the same arguments, results in
+    distribution and validation messages; the mask from this package's stream (:func:`drop_path`)."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    if mode not in ["batch", "row"]:
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    if not training or p == 0.0:
+        return input
+    return drop_path(input, p, training=True, mode=mode)
