@@ -1,18 +1,18 @@
 """Model surgery: stochastic depth on the residual blocks of torchvision and timm models.
 
 ``apply_stochastic_depth`` takes Composer's keywords. Each matching block is changed in place: its
-weights, parameter names and state-dict keys stay as they were, and eval outputs are bit-identical
-to the unmodified model (with ``scale_by_keep=True``, the default: eval adds the branch unscaled).
+class becomes a subclass whose forward ends in the fused ``act(shortcut + drop(branch))``
+(:class:`DropPathAdd`), its weights, parameter names and state-dict keys stay as they were, and
+eval outputs are bit-identical to the unmodified model (with ``scale_by_keep=True``, the default).
+With ``stochastic_method="block"`` a dropped batch skips the branch's compute; shortcuts always run
+(the paper drops only the branch).
 
-- torchvision ResNet ``BasicBlock`` / ``Bottleneck``: the block becomes a subclass whose forward ends
-  in the fused ``relu(identity + drop(branch))`` (:class:`DropPathAdd`); with
-  ``stochastic_method="block"`` a dropped batch skips the branch's compute. The downsample
-  shortcut always runs (the paper drops only the branch).
-- timm blocks (ViT ``Block``, Swin, ConvNeXt, ResNet, EfficientNet/MobileNet inverted residuals):
-  their ``DropPath`` or ``nn.Identity`` on the residual (also where timm built the block with rate
-  0) becomes this package's :class:`DropPath`; the add stays in timm's forward.
-
-Other block types join through :func:`register_block`.
+Supported: torchvision ResNet ``BasicBlock`` / ``Bottleneck`` (ReLU fused); timm ViT ``Block`` and
+``SwinTransformerBlock`` (both residuals, one coin each), ``ConvNeXtBlock``, ResNet ``BasicBlock`` /
+``Bottleneck`` (ReLU fused where the block's last activation is one), EfficientNet / MobileNet
+``InvertedResidual`` and ``DepthwiseSeparableConv`` (those without a skip connection are reported as
+skipped). timm's ``DropPath`` or ``nn.Identity`` on the residual (also where timm built the block
+with rate 0) becomes the fused add. Other block types join through :func:`register_block`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from stochdepth_kernels import validation
-from stochdepth_kernels.modules import DropPath, DropPathAdd
+from stochdepth_kernels.modules import DropPathAdd
 from stochdepth_kernels.schedules import CONVENTIONS, DISTRIBUTIONS, drop_path_rates
 
 __all__ = ["SurgeryReport", "apply_stochastic_depth", "register_block"]
@@ -118,9 +118,21 @@ def _adapter_for(module: nn.Module) -> tuple[Adapter, SkipRule] | None:
     return None
 
 
-# torchvision ResNet: the block's class becomes a subclass whose forward fuses the tail.
+# Each supported block's class becomes a subclass whose forward ends in the fused add: the block's
+# own code up to the add (a mirror of torchvision's / timm's forward), then
+# drop.add_branch(branch, shortcut, branch parameters). The subclasses are made at import, one per
+# block class, so that pickles find them by name.
 
-def _torchvision_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _parameters(block: nn.Module, *names: str, excluding: str | None = None) -> Callable[[], list[nn.Parameter]]:
+    """The parameters of ``block``'s submodules ``names`` (all but ``excluding`` when none are given)."""
+    if names:
+        return lambda: [p for name in names if getattr(block, name, None) is not None
+                        for p in getattr(block, name).parameters()]
+    return lambda: [p for name, p in block.named_parameters() if excluding is None or not name.startswith(excluding)]
+
+
+def resnet_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The residual branch of a torchvision ``BasicBlock`` or ``Bottleneck``: its forward up to the add."""
     out = block.relu(block.bn1(block.conv1(x)))
     out = block.bn2(block.conv2(out))
     if hasattr(block, "conv3"):
@@ -128,78 +140,138 @@ def _torchvision_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _FusedTail:
-    """Forward of a torchvision ResNet block ending in ``stochastic_depth(branch, identity)``."""
-
+class _TorchvisionResNetTail:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        return self.stochastic_depth.add_branch(lambda: _torchvision_branch(self, x), identity,
-                                                lambda: _branch_parameters(self))
+        return self.stochastic_depth.add_branch(lambda: resnet_branch(self, x), identity,
+                                                _parameters(self, excluding="downsample."))
 
 
-def _branch_parameters(block: nn.Module) -> list[nn.Parameter]:
-    return [p for name, p in block.named_parameters() if not name.startswith("downsample.")]
+class _TimmResNetTail:
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "conv3"):  # Bottleneck
+            x = self.act1(self.bn1(self.conv1(x)))
+            x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+            x = self.bn3(self.conv3(x))
+        else:  # BasicBlock
+            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            x = self.bn2(self.conv2(x))
+        return x if self.se is None else self.se(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.drop_path.add_branch(lambda: self._branch(x), shortcut, _parameters(self, excluding="downsample."))
+        last_act = self.act3 if hasattr(self, "conv3") else self.act2
+        return out if self.drop_path.activation == "relu" else last_act(out)
+
+
+class _VitBlockTail:
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        x = self.drop_path1.add_branch(lambda: self.ls1(self.attn(self.norm1(x), **attn_kwargs)), x,
+                                       _parameters(self, "norm1", "attn", "ls1"))
+        return self.drop_path2.add_branch(lambda: self.ls2(self.mlp(self.norm2(x))), x,
+                                          _parameters(self, "norm2", "mlp", "ls2"))
+
+
+class _SwinBlockTail:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        x = self.drop_path1.add_branch(lambda: self._attn(self.norm1(x)), x, _parameters(self, "norm1", "attn"))
+        x = x.reshape(batch, -1, channels)
+        x = self.drop_path2.add_branch(lambda: self.mlp(self.norm2(x)), x, _parameters(self, "norm2", "mlp"))
+        return x.reshape(batch, height, width, channels)
+
+
+class _ConvNeXtBlockTail:
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x if self.gamma is None else x.mul(self.gamma.reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path.add_branch(lambda: self._branch(x), self.shortcut(x),
+                                         _parameters(self, excluding="shortcut."))
+
+
+class _InvertedResidualTail:
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_s2d is not None:
+            x = self.bn_s2d(self.conv_s2d(x))
+        if hasattr(self, "conv_pwl"):  # InvertedResidual
+            x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+            return self.bn3(self.conv_pwl(self.se(self.aa(x))))
+        x = self.se(self.aa(self.bn1(self.conv_dw(x))))  # DepthwiseSeparableConv
+        return self.bn2(self.conv_pw(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path.add_branch(lambda: self._branch(x), x, _parameters(self))
 
 
 _FUSED_CLASSES: dict[type, type] = {}
 
 
-def _fused_class(cls: type) -> type:
-    """``cls`` with the fused tail, one class per block class (importable by name: pickling works)."""
-    if cls not in _FUSED_CLASSES:
-        fused = type(f"{cls.__name__}WithStochasticDepth", (_FusedTail, cls), {"_stochdepth_block_name": cls.__name__,
-                                                                                 "__module__": __name__})
-        globals()[fused.__name__] = fused
-        _FUSED_CLASSES[cls] = fused
-    return _FUSED_CLASSES[cls]
+def _fuse(cls: type, tail: type, prefix: str) -> None:
+    """Makes ``{prefix}{cls.__name__}WithStochasticDepth``, ``cls`` with ``tail``'s forward."""
+    name = f"{prefix}{cls.__name__}WithStochasticDepth"
+    fused = type(name, (tail, cls), {"_stochdepth_block_name": cls.__name__, "__module__": __name__,
+                                     "__qualname__": name})
+    globals()[name] = fused
+    _FUSED_CLASSES[cls] = fused
 
 
-def _adapt_torchvision_resnet_block(block: nn.Module, settings: Settings) -> str:
-    block.stochastic_depth = DropPathAdd(settings.rate, activation="relu", mode=settings.mode,
-                                         scale_by_keep=settings.scale_by_keep).train(block.training)
-    if not isinstance(block, _FusedTail):
-        block.__class__ = _fused_class(type(block))
-    skipping = " (a dropped batch skips the branch)" if settings.mode == "batch" else ""
-    return f"fused relu(identity + drop(branch)), mode={settings.mode!r}{skipping}"
+def _fusing_adapter(*attributes: str, relu: Callable[[nn.Module], bool] = lambda block: False) -> Adapter:
+    """Sets each of ``attributes`` to a :class:`DropPathAdd` (ReLU fused where ``relu(block)``) and
+    gives the block its fused class."""
 
-
-# timm: the block's drop-path modules become this package's DropPath.
-
-def _timm_adapter(*attributes: str) -> Adapter:
     def adapt(block: nn.Module, settings: Settings) -> str:
+        activation = "relu" if relu(block) else None
         for attribute in attributes:
-            drop = DropPath(settings.rate, scale_by_keep=settings.scale_by_keep, mode=settings.mode)
+            drop = DropPathAdd(settings.rate, activation=activation, mode=settings.mode,
+                               scale_by_keep=settings.scale_by_keep)
             setattr(block, attribute, drop.train(block.training))
-        return f"DropPath on {', '.join(attributes)} (unary kernel; timm's forward adds), mode={settings.mode!r}"
+        block.__class__ = _FUSED_CLASSES[next(c for c in type(block).__mro__ if c in _FUSED_CLASSES)]
+        act = "relu(" if activation else "("
+        skipping = " (a dropped batch skips the branch)" if settings.mode == "batch" else ""
+        return f"fused {act}shortcut + drop(branch)) on {', '.join(attributes)}, mode={settings.mode!r}{skipping}"
 
     return adapt
-
-
-def _register_known_blocks() -> None:
-    try:
-        from torchvision.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # pragma: no cover - torchvision is optional
-        pass
-    else:
-        for block_class in (BasicBlock, Bottleneck):
-            register_block(block_class, _adapt_torchvision_resnet_block)
-            _fused_class(block_class)  # defined at import, so that unpickling finds it
-    try:
-        from timm.models import _efficientnet_blocks, convnext, resnet, swin_transformer, vision_transformer
-    except ImportError:  # pragma: no cover - timm is optional
-        return
-    register_block(vision_transformer.Block, _timm_adapter("drop_path1", "drop_path2"))
-    register_block(swin_transformer.SwinTransformerBlock, _timm_adapter("drop_path1", "drop_path2"))
-    register_block(convnext.ConvNeXtBlock, _timm_adapter("drop_path"))
-    register_block(resnet.BasicBlock, _timm_adapter("drop_path"))
-    register_block(resnet.Bottleneck, _timm_adapter("drop_path"))
-    for block_class in (_efficientnet_blocks.InvertedResidual, _efficientnet_blocks.DepthwiseSeparableConv):
-        register_block(block_class, _timm_adapter("drop_path"), _without_skip)
 
 
 def _without_skip(block: nn.Module) -> str | None:
     """timm's inverted residuals add the input only when stride and channels allow (``has_skip``)."""
     return None if block.has_skip else "no residual connection (stride or channel change)"
+
+
+def _register_known_blocks() -> None:
+    try:
+        from torchvision.models import resnet as torchvision_resnet
+    except ImportError:  # pragma: no cover - torchvision is optional
+        pass
+    else:
+        for block_class in (torchvision_resnet.BasicBlock, torchvision_resnet.Bottleneck):
+            _fuse(block_class, _TorchvisionResNetTail, "Torchvision")
+            register_block(block_class, _fusing_adapter("stochastic_depth", relu=lambda block: True))
+    try:
+        from timm.models import _efficientnet_blocks, convnext, resnet, swin_transformer, vision_transformer
+    except ImportError:  # pragma: no cover - timm is optional
+        return
+    timm_blocks = [
+        (vision_transformer.Block, _VitBlockTail, ("drop_path1", "drop_path2"), None),
+        (swin_transformer.SwinTransformerBlock, _SwinBlockTail, ("drop_path1", "drop_path2"), None),
+        (convnext.ConvNeXtBlock, _ConvNeXtBlockTail, ("drop_path",), None),
+        (_efficientnet_blocks.InvertedResidual, _InvertedResidualTail, ("drop_path",), _without_skip),
+        (_efficientnet_blocks.DepthwiseSeparableConv, _InvertedResidualTail, ("drop_path",), _without_skip),
+    ]
+    for block_class, tail, attributes, skip_rule in timm_blocks:
+        _fuse(block_class, tail, "Timm")
+        register_block(block_class, _fusing_adapter(*attributes), skip_rule)
+    for block_class, last_act in ((resnet.BasicBlock, "act2"), (resnet.Bottleneck, "act3")):
+        _fuse(block_class, _TimmResNetTail, "Timm")
+        register_block(block_class, _fusing_adapter(
+            "drop_path", relu=lambda block, last_act=last_act: isinstance(getattr(block, last_act), nn.ReLU)), None)
 
 
 _register_known_blocks()

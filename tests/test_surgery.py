@@ -23,6 +23,7 @@ MODELS = {
                                      "SwinTransformerBlock", 12, 0),
     "convnext_atto": (lambda: timm.create_model("convnext_atto"), (2, 3, 64, 64), "ConvNeXtBlock", 12, 0),
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), (2, 3, 64, 64), None, 9, 7),
+    "timm_resnet26": (lambda: timm.create_model("resnet26"), (2, 3, 64, 64), "Bottleneck", 8, 0),
 }
 
 
@@ -94,18 +95,19 @@ def test_compiled_block_matches_eager(model_case):
     assert torch.allclose(out, block(*inputs["args"]), atol=1e-3, rtol=1e-3)
 
 
-def test_block_method_skips_torchvision_branches_and_keeps_eval():
-    model = build("resnet18")
-    x = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+def test_block_method_skips_branches_and_keeps_eval(name):
+    model = build(name)
+    x = torch.randn(MODELS[name][1])
     with torch.no_grad():
         expected = model(x)
-    report = apply_stochastic_depth(model, "BasicBlock", stochastic_method="block", drop_rate=0.5)
+    report = apply_stochastic_depth(model, stochastic_method="block", drop_rate=0.5)
     assert all("mode='batch'" in how and "skips the branch" in how for *_, how in report.changed)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     model.train()
     for _ in range(3):
-        model(x).sum().backward()
+        model(x).float().square().mean().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad(set_to_none=True)
 
