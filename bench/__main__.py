@@ -6,7 +6,7 @@ from pathlib import Path
 from bench import models, op
 
 arguments = op.parse_args(sys.argv[1:])
-op.main(sys.argv[1:])
+op.main(sys.argv[1:], command="python -m bench")
 model_arguments = ["--device", arguments.device]
 if arguments.output:
     model_arguments += ["--output", str(Path(arguments.output).with_name("models.json"))]

@@ -166,7 +166,7 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "torch": torch.__version__, "triton": triton_version,
-        "command": " ".join(env + ["python", "-m", "bench", *sys.argv[1:]]),
+        "command": " ".join(env + [args.command]),
         "p": args.p, "activation": "relu", "samples": args.samples,
         "allocations": allocations,
         "rows": rows,
@@ -197,16 +197,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    result = run(args)
-    print(markdown(result))
-    name = "op_thp.json" if result["thp_mem_alloc_enable"] == "1" else "op.json"
-    output = args.output or RESULTS / device_folder(result) / name
+def write_results(result: dict, table: str, output: Path) -> None:
+    """Prints ``table`` and writes it (``.md``) and ``result`` (``.json``) at ``output``."""
+    print(table)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(result) + "\n")
+    output.with_suffix(".md").write_text(table + "\n")
     print(f"\nwritten: {output} and {output.with_suffix('.md')}")
+
+
+def main(argv=None, command: str = "python -m bench.op") -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command = " ".join([command, *argv])
+    result = run(args)
+    name = "op_thp.json" if result["thp_mem_alloc_enable"] == "1" else "op.json"
+    write_results(result, markdown(result), args.output or RESULTS / device_folder(result) / name)
 
 
 if __name__ == "__main__":

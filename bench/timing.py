@@ -20,6 +20,7 @@ import torch
 class Timing:
     median_s: float
     min_s: float
+    mean_s: float
     samples: int
 
 
@@ -53,7 +54,7 @@ def measure_side_by_side(candidates: dict[str, Callable[[], object]], device: to
     for _ in range(samples):
         for name, fn in candidates.items():
             times[name].append(sample(fn, calls))
-    return {name: Timing(statistics.median(t), min(t), samples) for name, t in times.items()}
+    return {name: Timing(statistics.median(t), min(t), statistics.fmean(t), samples) for name, t in times.items()}
 
 
 def device_time_per_call(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:
