@@ -141,6 +141,9 @@ class StochasticDepth(nn.Module):
         identity = x if self.shortcut is None else self.shortcut(x)
         return self.drop.add_branch(lambda: self.branch(x), identity, self.branch.parameters)
 
+    def extra_repr(self) -> str:
+        return f"p={round(self.drop_prob, 3):0.3f}, mode={self.drop.mode!r}"
+
 
 def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
     """torchvision's ``torchvision.ops.stochastic_depth``: the same arguments, results in

@@ -57,6 +57,7 @@ def test_drop_path_add_equals_the_functional_op(mode):
 def test_stochastic_depth_row_mode_is_the_fused_block():
     branch = torch.nn.Linear(6, 6)
     block = StochasticDepth(branch, 0.3, activation="relu")
+    assert "StochasticDepth(\n  p=0.300, mode='row'" in repr(block)
     x = random_tensor((32, 6))
     torch.manual_seed(5)
     out = block(x)
