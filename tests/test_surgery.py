@@ -60,7 +60,7 @@ def test_report_rates_and_eval_identity(model_case):
 
 
 def test_training_step_gives_every_parameter_a_finite_gradient(model_case):
-    name, model, x, _, _ = model_case
+    _, model, x, _, _ = model_case
     model.train()
     model(x).float().square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -79,7 +79,7 @@ def test_state_dict_deepcopy_and_pickle(model_case):
 
 
 def test_compiled_block_matches_eager(model_case):
-    name, model, x, _, report = model_case
+    _, model, x, _, report = model_case
     block = dict(model.named_modules())[report.changed[-1][0]].train()
     inputs = {}
     block.register_forward_pre_hook(lambda module, args: inputs.setdefault("args", args))
