@@ -134,3 +134,13 @@ def test_registered_ops_match_the_eager_path(kernel, relu):
     for name, eager, traced in zip(["out", "grad_x", "grad_residual", "dropped", "unary grad_x", "grad_grad_out"],
                                    *results):
         assert_matches(eager, traced, name, exact=True)
+
+
+def test_dropped_rows_get_exactly_zero_gradient_from_a_nonfinite_upstream(kernel):
+    x = random_tensor(shape_for(kernel), device=kernel[1]).requires_grad_()
+    residual = random_tensor(shape_for(kernel), device=kernel[1]).requires_grad_()
+    grad_out = torch.full(shape_for(kernel), float("inf"), device=kernel[1])
+    out = fused_drop_path_add(x, residual, 1.0, activation="relu", seed=3, backend=kernel[0])
+    grad_x, grad_residual = torch.autograd.grad(out, (x, residual), grad_out)
+    assert torch.equal(grad_x, torch.zeros_like(x))
+    assert torch.equal(grad_residual, torch.where(residual > 0, float("inf"), 0.0))

@@ -155,10 +155,12 @@ template <typename g_t, typename gx_t, typename gr_t, typename acc_t>
 void relu_backward_run(const g_t* __restrict__ grad, const g_t* __restrict__ out,
                        gx_t* __restrict__ grad_x, gr_t* __restrict__ grad_residual, int64_t n,
                        acc_t factor) {
+  // A dropped row's grad_x is exactly 0, even where g is infinite (0 * inf would be NaN).
+  const bool dropped = factor == acc_t(0);
   for (int64_t i = 0; i < n; ++i) {
     const acc_t g = relu_backward_element<acc_t>(static_cast<acc_t>(grad[i]), static_cast<acc_t>(out[i]));
     grad_residual[i] = static_cast<gr_t>(g);
-    grad_x[i] = static_cast<gx_t>(factor * g);
+    grad_x[i] = static_cast<gx_t>(dropped ? acc_t(0) : factor * g);
   }
 }
 
