@@ -18,8 +18,10 @@ SOURCES := setup.py $(shell grep -v '^\#' csrc/sources.txt) $(wildcard csrc/*.h 
 test: build
 	$(PY) -m pytest tests
 
+# make bench BENCH_ARGS=--quick: a one-minute run; see python -m bench --help.
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 build: $(VENV)/.built
 

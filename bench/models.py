@@ -1,78 +1,92 @@
-"""End to end: a torchvision ResNet-50 training step (forward, backward, SGD step) without stochastic
-depth, with sample-wise stochastic depth applied by ``apply_stochastic_depth``, and with block-wise
-stochastic depth (drop_rate 0.5, linear), whose dropped blocks skip their branch's compute.
+"""End to end: a training step (forward, backward, SGD step) of timm's ResNet-50 and ViT-S/16 with
+stochastic depth four ways, the candidates of one model timed round-robin:
 
-The block-wise saving is compared with what it can be: the expected fraction of the model's FLOPs
-that skipping removes, sum over blocks of ``p_l * branch FLOPs_l / model FLOPs`` (counted by
-``torch.utils.flop_counter`` on one forward; backward scales alike). Block-wise step times vary
-with the coins, so that comparison uses mean step times; the table shows medians too.
+- none: the model built with ``drop_path_rate=0``;
+- timm DropPath: built with ``drop_path_rate=SAMPLE_RATE`` (timm's linear schedule);
+- stochdepth sample-wise: the rate-0 model given the same per-block rates by
+  ``apply_stochastic_depth(..., convention="timm")`` (the fused add);
+- stochdepth block-wise: the same with ``drop_rate=BLOCK_RATE`` and ``stochastic_method="block"``,
+  whose dropped blocks skip their branch's compute.
+
+The block-wise saving is compared with what it can be: the expected share of the model's FLOPs
+that skipping removes, the sum over stochastic-depth modules of ``p * (FLOPs with the module's
+branch run - FLOPs with it skipped) / FLOPs`` (``torch.utils.flop_counter``, one forward per module;
+backward scales alike). Block-wise step times vary with the coins, so that comparison uses mean
+step times; the table shows medians too.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
+import timm
 import torch
-import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.op import RESULTS, device_folder, device_name, write_results
+from bench.op import RESULTS, device_folder, environment
+from bench.report import write_results
 from bench.timing import measure_side_by_side
-from stochdepth_kernels.surgery import apply_stochastic_depth, resnet_branch
+from stochdepth_kernels import DropPathAdd
+from stochdepth_kernels.surgery import apply_stochastic_depth
 
+MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224"}
 DEFAULT_BATCH = {"cpu": (8, 128), "cuda": (64, 224)}  # (batch, image size)
-SAMPLE_RATE, BLOCK_RATE = 0.2, 0.5
-NONE, SAMPLE, BLOCK = "no stochastic depth", f"sample-wise, drop_rate {SAMPLE_RATE}", f"block-wise, drop_rate {BLOCK_RATE}"
+QUICK_BATCH = (2, 64)
+SAMPLE_RATE, BLOCK_RATE = 0.1, 0.5
+NONE, TIMM = "no stochastic depth", f"timm DropPath, drop_path_rate {SAMPLE_RATE}"
+SAMPLE, BLOCK = f"stochdepth sample-wise, {SAMPLE_RATE}", f"stochdepth block-wise, {BLOCK_RATE}"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=f"batch and image size {QUICK_BATCH}, 3 samples")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--image-size", type=int)
-    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=None, help="steps timed per candidate (default 15)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
     return parser.parse_args(argv)
 
 
-def resnet50(device, method=None, drop_rate=0.0):
+def build(model_name: str, image_size: int, device, stochastic: str | None = None):
+    """The model (same weights for every variant) with stochastic depth ``stochastic``."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet50().to(device).train()
-    report = apply_stochastic_depth(model, stochastic_method=method, drop_rate=drop_rate) if method else None
-    return model, report
+    options = {"img_size": image_size} if model_name.startswith("vit") else {}
+    rate = SAMPLE_RATE if stochastic == TIMM else 0.0
+    model = timm.create_model(model_name, drop_path_rate=rate, **options).to(device).train()
+    if stochastic in (SAMPLE, BLOCK):
+        method, rate = ("sample", SAMPLE_RATE) if stochastic == SAMPLE else ("block", BLOCK_RATE)
+        apply_stochastic_depth(model, stochastic_method=method, drop_rate=rate, convention="timm")
+    return model
 
 
-def expected_skipped_fraction(model, report, x) -> float:
-    """Expected share of the forward FLOPs that block-wise dropping skips."""
-    modules = dict(model.named_modules())
-    branch_inputs = {}
-    hooks = [modules[name].register_forward_pre_hook(lambda m, args, name=name: branch_inputs.setdefault(name, args[0]))
-             for name, *_ in report.changed]
+def _forward_flops(model, x) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(x)
-    total = counter.get_total_flops()
-    for hook in hooks:
-        hook.remove()
-    skipped = 0.0
-    for name, _, rate, _ in report.changed:
-        with torch.no_grad(), FlopCounterMode(display=False) as branch_counter:
-            resnet_branch(modules[name], branch_inputs[name])
-        skipped += rate * branch_counter.get_total_flops()
-    model.train()
+        model(x)
+    return counter.get_total_flops()
+
+
+def expected_skipped_fraction(model, x) -> float:
+    """Expected share of the forward FLOPs that block-wise dropping skips: each stochastic-depth
+    module's branch FLOPs (found by forcing it to drop) times its drop probability."""
+    rates = {m: m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)}
+    for module in rates:
+        module.drop_prob = 0.0
+    total, skipped = _forward_flops(model, x), 0.0
+    for module, rate in rates.items():
+        module.drop_prob = 1.0
+        skipped += rate * (total - _forward_flops(model, x))
+        module.drop_prob = 0.0
+    for module, rate in rates.items():
+        module.drop_prob = rate
     return skipped / total
 
 
-def run(args) -> dict:
-    device = torch.device(args.device)
-    batch, size = DEFAULT_BATCH[device.type]
-    batch, size = args.batch or batch, args.image_size or size
-    x = torch.randn(batch, 3, size, size, device=device)
+def bench_model(model_name: str, x: torch.Tensor, samples: int) -> dict:
+    models = {name: build(model_name, x.shape[-1], x.device, name) for name in (NONE, TIMM, SAMPLE, BLOCK)}
     steps = {}
-    models = {NONE: resnet50(device), SAMPLE: resnet50(device, "sample", SAMPLE_RATE),
-              BLOCK: resnet50(device, "block", BLOCK_RATE)}
-    for name, (model, _) in models.items():
+    for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step(model=model, optimizer=optimizer):
@@ -81,45 +95,51 @@ def run(args) -> dict:
             optimizer.step()
 
         steps[name] = step
-    timings = measure_side_by_side(steps, device, warmup=2, samples=args.samples)
-    fraction = expected_skipped_fraction(*models[BLOCK], x)
-    base = timings[NONE].median_s
+    timings = measure_side_by_side(steps, x.device, warmup=2, samples=samples)
+    fraction = expected_skipped_fraction(models[BLOCK], x[:2])  # BatchNorm trains on 2 or more
+    none = timings[NONE]
     rows = [{"name": name, "median_ms": t.median_s * 1e3, "mean_ms": t.mean_s * 1e3, "min_ms": t.min_s * 1e3,
-             "change_vs_none": t.median_s / base - 1, "mean_change_vs_none": t.mean_s / timings[NONE].mean_s - 1}
+             "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1}
             for name, t in timings.items()]
-    return {
-        "benchmark": "models",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "command": args.command,
-        "model": "torchvision resnet50", "batch": batch, "image_size": size, "samples": args.samples,
-        "expected_skipped_flops_fraction": fraction,
-        "block_saving_vs_expected": (1 - timings[BLOCK].mean_s / timings[NONE].mean_s) / fraction,
-        "rows": rows,
-    }
+    return {"expected_skipped_flops_fraction": fraction,
+            "block_saving_vs_expected": (1 - timings[BLOCK].mean_s / none.mean_s) / fraction, "rows": rows}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    batch, size = QUICK_BATCH if args.quick else DEFAULT_BATCH[device.type]
+    batch, size = args.batch or batch, args.image_size or size
+    samples = args.samples or (3 if args.quick else 15)
+    x = torch.randn(batch, 3, size, size, device=device)
+    results = {label: bench_model(name, x, samples) for label, name in MODELS.items()}
+    return {"benchmark": "models", **environment(device, args.command), "batch": batch, "image_size": size,
+            "samples": samples, "models": results}
 
 
 def markdown(result: dict) -> str:
     lines = [f"Training step benchmark: {result['device']}"
              + (f", {result['threads']} threads" if result["device_type"] == "cpu" else "")
              + f"; torch {result['torch']}; {result['date']}",
-             f"`{result['command']}`; {result['model']}, batch {result['batch']}, {result['image_size']}px, "
-             f"SGD; median of {result['samples']} steps", "",
-             "| stochastic depth | median ms | vs none | mean ms | vs none | min ms |", "|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {100 * row['change_vs_none']:+.1f}% | "
-                     f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} |")
-    lines += ["", f"Block-wise: expected share of FLOPs skipped {100 * result['expected_skipped_flops_fraction']:.1f}%; "
-                  f"the mean step time saved is {100 * result['block_saving_vs_expected']:.0f}% of that."]
+             f"`{result['command']}`; timm models, batch {result['batch']}, {result['image_size']}px, SGD; "
+             f"{result['samples']} steps per candidate"]
+    for label, model in result["models"].items():
+        lines += ["", f"{label}:", "", "| stochastic depth | median ms | vs none | mean ms | vs none | min ms |",
+                  "|---|---|---|---|---|---|"]
+        for row in model["rows"]:
+            lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {100 * row['change_vs_none']:+.1f}% | "
+                         f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} |")
+        lines += ["", f"Block-wise: expected share of FLOPs skipped {100 * model['expected_skipped_flops_fraction']:.1f}%; "
+                      f"the mean step time saved is {100 * model['block_saving_vs_expected']:.0f}% of that."]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None, command: str = "python -m bench.models") -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.command = " ".join(["python", "-m", "bench.models", *argv])
+    args.command = " ".join([command, *argv])
     result = run(args)
-    write_results(result, markdown(result), args.output or RESULTS / device_folder(result) / "models.json")
+    output = args.output or RESULTS / device_folder(result) / "models.json"
+    print("\nwritten: " + ", ".join(map(str, write_results(result, markdown(result), output))))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""The fused op against eager timm-style ``relu(drop_path(x, p, True) + r)`` and ``torch.compile`` of
-it, forward, backward and forward+backward, next to a plain ``copy_`` (the floor), on the best device
-present (``--device`` to choose).
+"""The op benchmark: this package's backends against eager timm-style ``act(drop_path(x) + r)``,
+torchvision's ``stochastic_depth`` + add and ``torch.compile`` of the eager expression, forward,
+backward and forward+backward, on tensors of real models (bench/cases.py), next to a ``copy_`` of
+the same tensor measured in the same run (the floor).
 
-Bytes counted (DESIGN.md, "Physical floor"): forward ``keep*|x| + |r| + |out|``; ReLU backward
-``|g| + |out| + |g_r| + |g_x|`` (the gradients are written whole, zeros in dropped rows). Eager and
-compiled code move more; their GB/s uses the same minimal count, so the columns compare times.
-On the CPU a fresh output allocation costs page faults: it is measured as ``clone - copy_`` and
-reported separately. On CUDA "device ms" is the kernels' time alone (profiler), beside the end-to-end
-time: their gap is host overhead the GPU waited for.
+GB/s uses DESIGN.md's minimal byte count for every implementation (eager and compiled code move
+more), so the columns compare times. Inputs rotate through enough buffer sets to span twice the
+last-level cache, so no call finds its inputs cached. On the CPU a fresh output allocation costs
+page faults, measured as ``clone - copy_``; on CUDA "device ms" is the kernels' time alone
+(profiler), beside the end-to-end time: their gap is host time the GPU waited for.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import itertools
 import os
 import platform
 import re
@@ -21,34 +21,31 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from bench import cases
+from bench.cases import PASSES, Case, last_level_cache_bytes, minimal_bytes, rotating_buffers
+from bench.implementations import BASELINES, implementations
+from bench.report import write_op_results
 from bench.timing import device_time_per_call, measure_side_by_side
-from stochdepth_kernels import available_backends, fused_drop_path_add
 
 RESULTS = Path(__file__).parent / "results"
-# (shape, dtype): ResNet-50's stage-2 output on the CPU; >= 64 MiB tensors on a GPU.
-DEFAULT_CASES = {
-    "cpu": [((64, 256, 28, 28), "float32")],
-    "cuda": [((128, 256, 28, 28), "float32"), ((256, 256, 28, 28), "bfloat16"), ((256, 197, 768), "bfloat16")],
-}
-EAGER, COMPILED = "eager timm", "torch.compile(eager timm)"
-
-
-def eager_timm(x, r, p):
-    from timm.layers import drop_path
-
-    return torch.relu(drop_path(x, p, True) + r)
+SAMPLES = 10
+DEVICE_TIME_P = 0.1
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", type=int, nargs="+", help="one case of this shape instead of the defaults")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--p", type=float, default=0.1)
-    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="two tensors, fp32, p=0.1, ReLU, few samples")
+    parser.add_argument("--batch", type=int, help="batch of every tensor (default: per device, bench/cases.py)")
+    parser.add_argument("--tensor", nargs="+", choices=list(cases.MODEL_TENSORS), help="tensors to run")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(cases.ELEMENT_BYTES), help="dtypes to run")
+    parser.add_argument("--p", type=float, nargs="+", help="drop probabilities to run")
+    parser.add_argument("--backend", nargs="+", help="this package's backends to run (default: every kernel)")
+    parser.add_argument("--samples", type=int, help="samples per measurement (default 10)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
-    parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
+    parser.add_argument("--output", type=Path, default=None, help="JSON file for the results (tables, plots beside)")
     return parser.parse_args(argv)
 
 
@@ -70,12 +67,26 @@ def device_folder(result: dict) -> str:
     return slug if result["device_type"] == "cuda" else f"{slug}-{result['threads']}threads"
 
 
-def candidates_for(device: torch.device, p: float, with_compile: bool) -> dict:
-    fused = {f"stochdepth {name}": (lambda x, r, name=name: fused_drop_path_add(x, r, p, activation="relu",
-                                                                              backend=name))
-             for name in available_backends(device) if name != "reference"}
-    eager = lambda x, r: eager_timm(x, r, p)  # noqa: E731
-    return {**fused, EAGER: eager, **({COMPILED: torch.compile(eager)} if with_compile else {})}
+def environment(device: torch.device, command: str) -> dict:
+    """What a result was measured with: date, device, versions, the command as run."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
+        "thp_mem_alloc_enable": thp, "torch": torch.__version__, "triton": triton_version,
+        "command": " ".join(([f"THP_MEM_ALLOC_ENABLE={thp}"] if thp else []) + [command]),
+    }
+
+
+def _rotating(fn, argument_sets):
+    """A call of ``fn`` on the next of ``argument_sets``, round and round."""
+    sets = itertools.cycle(argument_sets)
+    return lambda: fn(*next(sets))
 
 
 def _replayable(backwards: dict) -> dict:
@@ -92,118 +103,106 @@ def _replayable(backwards: dict) -> dict:
     return kept
 
 
-def bench_case(device: torch.device, shape, dtype: torch.dtype, p: float, candidates: dict, samples: int):
-    x, r = torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
-    grad, dst = torch.randn_like(x), torch.empty_like(x)
-    tensor_bytes = x.numel() * x.element_size()
-    bytes_moved = {"forward": (3 - p) * tensor_bytes, "backward": 4 * tensor_bytes}
-    bytes_moved["forward+backward"] = bytes_moved["forward"] + bytes_moved["backward"]
+class TensorBench:
+    """The measurements on one tensor (shape, dtype): its copy floor once, then every case on it."""
 
-    timings, device_times = {}, {}
+    def __init__(self, device: torch.device, shape: tuple[int, ...], dtype: str, samples: int):
+        self.device, self.samples = device, samples
+        self.dtype = getattr(torch, dtype)
+        example = torch.empty(shape, dtype=self.dtype, device=device)
+        set_bytes = 3 * example.numel() * example.element_size()  # x, r, grad
+        count = rotating_buffers(set_bytes, last_level_cache_bytes(device))
+        self.sets = [tuple(torch.randn(shape, dtype=self.dtype, device=device) for _ in range(3))
+                     for _ in range(count)]
+        for x, r, _ in self.sets:
+            x.requires_grad_()
+            r.requires_grad_()
 
-    def measure(pass_name, fns):
-        timings[pass_name] = measure_side_by_side(fns, device, samples=samples)
-        if device.type == "cuda":
-            device_times[pass_name] = {name: device_time_per_call(fn, device) for name, fn in fns.items()}
+    def _measure(self, fns: dict, device_time: bool = True) -> dict:
+        timings = measure_side_by_side(fns, self.device, samples=self.samples)
+        result = {name: {"median_ms": t.median_s * 1e3, "min_ms": t.min_s * 1e3, "calls_per_sample": t.calls_per_sample}
+                  for name, t in timings.items()}
+        if self.device.type == "cuda" and device_time:
+            for name, fn in fns.items():
+                result[name]["device_ms"] = device_time_per_call(fn, self.device) * 1e3
+        return result
 
-    measure("copy", {"copy": lambda: dst.copy_(x), "clone": lambda: x.clone()})
-    floor = timings.pop("copy")
-    copy_s = floor["copy"].median_s
-    copy_gbps = 2 * tensor_bytes / copy_s / 1e9
-    with torch.no_grad():
-        measure("forward", {n: (lambda fn=fn: fn(x, r)) for n, fn in candidates.items()})
-    xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
-    backward_only = {n: (lambda out=fn(xg, rg): torch.autograd.grad(out, (xg, rg), grad, retain_graph=True))
-                     for n, fn in candidates.items()}
-    measure("backward", _replayable(backward_only))
-    del backward_only
-    measure("forward+backward", {n: (lambda fn=fn: torch.autograd.grad(fn(xg, rg), (xg, rg), grad))
-                                 for n, fn in candidates.items()})
+    def floor(self) -> dict:
+        """``copy_`` of x into a preallocated tensor and ``clone`` (the same plus a fresh allocation)."""
+        with torch.no_grad():
+            dst = torch.empty_like(self.sets[0][0])
+            timed = self._measure({"copy": _rotating(lambda x: dst.copy_(x), [(x,) for x, _, _ in self.sets]),
+                                   "clone": _rotating(torch.clone, [(x,) for x, _, _ in self.sets])})
+        return {"buffers": len(self.sets), "copy": timed["copy"],
+                "allocation_ms": max(timed["clone"]["median_ms"] - timed["copy"]["median_ms"], 0.0)}
 
-    rows = [{"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "name": "copy_ (floor)",
-             "pass": "copy", "median_ms": copy_s * 1e3, "gbps": copy_gbps}]
-    for pass_name, pass_timings in timings.items():
-        for name, t in pass_timings.items():
-            rows.append({"shape": list(shape), "dtype": rows[0]["dtype"], "name": name, "pass": pass_name,
-                         "median_ms": t.median_s * 1e3, "gbps": bytes_moved[pass_name] / t.median_s / 1e9})
-    copy_device = device_times.get("copy", {}).get("copy")
-    for row in rows:
-        row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
-        seconds = copy_device if row["pass"] == "copy" else device_times.get(row["pass"], {}).get(row["name"])
-        if seconds:
-            row["device_ms"] = seconds * 1e3
-            row["device_pct_of_copy"] = 100 * copy_device / seconds * (
-                1 if row["pass"] == "copy" else bytes_moved[row["pass"]] / (2 * tensor_bytes))
-        same_pass = {other["name"]: other for other in rows if other["pass"] == row["pass"]}
-        for baseline in (EAGER, COMPILED):
-            if baseline in same_pass:
-                row[f"speedup_vs_{baseline}"] = same_pass[baseline]["median_ms"] / row["median_ms"]
-    allocation_ms = max(floor["clone"].median_s - copy_s, 0.0) * 1e3
-    return rows, allocation_ms, tensor_bytes
+    def case(self, fns: dict, device_time: bool) -> dict:
+        """Pass -> implementation -> timing, for the implementations ``fns`` of one case (with each
+        call's device time on CUDA if ``device_time``)."""
+        inputs = [(x, r) for x, r, _ in self.sets]
+        with torch.no_grad():
+            timed = {"forward": self._measure({name: _rotating(fn, inputs) for name, fn in fns.items()}, device_time)}
+
+        def backward_of(fn):
+            graphs = [(fn(x, r), x, r, g) for x, r, g in self.sets]
+            return _rotating(lambda out, x, r, g: torch.autograd.grad(out, (x, r), g, retain_graph=True), graphs)
+
+        timed["backward"] = self._measure(_replayable({name: backward_of(fn) for name, fn in fns.items()}),
+                                          device_time)
+        timed["forward+backward"] = self._measure({
+            name: _rotating(lambda x, r, g, fn=fn: torch.autograd.grad(fn(x, r), (x, r), g), self.sets)
+            for name, fn in fns.items()}, device_time)
+        return timed
+
+
+def rows_for(case: Case, timed: dict, copy: dict) -> list[dict]:
+    """The result rows of one case: per pass and implementation, time, GB/s on the minimal bytes,
+    percent of the copy bandwidth, and speed-ups against the baselines of the same pass."""
+    copy_gbps = 2 * case.tensor_bytes / copy["median_ms"] / 1e6
+    rows = []
+    for pass_name in PASSES:
+        by_name = timed.get(pass_name, {})
+        bytes_moved = minimal_bytes(pass_name, case)
+        for name, t in by_name.items():
+            row = {**case.as_dict(), "pass": pass_name, "implementation": name, **t,
+                   "gbps": bytes_moved / t["median_ms"] / 1e6}
+            row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
+            if "device_ms" in t and "device_ms" in copy:
+                row["device_pct_of_copy"] = 100 * bytes_moved / t["device_ms"] / (2 * case.tensor_bytes / copy["device_ms"])
+            for key, baseline in BASELINES.items():
+                if baseline in by_name:
+                    row[f"speedup_vs_{key}"] = by_name[baseline]["median_ms"] / t["median_ms"]
+            rows.append(row)
+    return rows
 
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    cases = [(tuple(args.shape), args.dtype)] if args.shape else DEFAULT_CASES[device.type]
-    candidates = candidates_for(device, args.p, not args.no_compile)
-    rows, allocations = [], []
-    for shape, dtype in cases:
-        case_rows, allocation_ms, tensor_bytes = bench_case(device, shape, getattr(torch, dtype), args.p,
-                                                            candidates, args.samples)
-        rows += case_rows
-        allocations.append({"shape": list(shape), "dtype": dtype, "tensor_mib": tensor_bytes / 2**20,
-                            "allocation_ms": allocation_ms})
-    env = ([f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"] if "THP_MEM_ALLOC_ENABLE" in os.environ else [])
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "benchmark": "op",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device), "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
-        "torch": torch.__version__, "triton": triton_version,
-        "command": " ".join(env + [args.command]),
-        "p": args.p, "activation": "relu", "samples": args.samples,
-        "allocations": allocations,
-        "rows": rows,
-    }
-
-
-def markdown(result: dict) -> str:
-    thp = "on" if result["thp_mem_alloc_enable"] == "1" else "off"
-    where = (f"{result['device']}" if result["device_type"] == "cuda"
-             else f"{result['device']}, {result['threads']} threads, THP_MEM_ALLOC_ENABLE {thp}")
-    lines = [f"Op benchmark: {where}; torch {result['torch']}, triton {result['triton']}; {result['date']}",
-             f"`{result['command']}`; p={result['p']}, ReLU; median of {result['samples']} samples", ""]
-    for alloc in result["allocations"]:
-        lines.append(f"- {tuple(alloc['shape'])} {alloc['dtype']} ({alloc['tensor_mib']:.0f} MiB): a fresh output "
-                     f"allocation costs {alloc['allocation_ms']:.2f} ms (clone - copy_), inside every op's time")
-    with_device = any("device_ms" in row for row in result["rows"])
-    device_header = (" device ms | device % of copy_ |", "---|---|") if with_device else ("", "")
-    lines += ["", "| shape | dtype | implementation | pass | median ms | GB/s (min bytes) | % of copy_ |"
-                  f"{device_header[0]} vs eager | vs compile |",
-              f"|---|---|---|---|---|---|---|{device_header[1]}---|---|"]
-    for row in result["rows"]:
-        eager, compiled = row.get(f"speedup_vs_{EAGER}"), row.get(f"speedup_vs_{COMPILED}")
-        device = (f" {row['device_ms']:.3f} | {row['device_pct_of_copy']:.0f}% |" if "device_ms" in row
-                  else " - | - |") if with_device else ""
-        lines.append(f"| {tuple(row['shape'])} | {row['dtype']} | {row['name']} | {row['pass']} | {row['median_ms']:.3f} | "
-                     f"{row['gbps']:.1f} | {row['pct_of_copy']:.0f}% |{device} {f'{eager:.2f}x' if eager else '-'} | "
-                     f"{f'{compiled:.2f}x' if compiled else '-'} |")
-    return "\n".join(lines)
-
-
-def write_results(result: dict, table: str, output: Path) -> None:
-    """Prints ``table`` and writes it (``.md``) and ``result`` (``.json``) at ``output``."""
-    print(table)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    output.with_suffix(".md").write_text(table + "\n")
-    print(f"\nwritten: {output} and {output.with_suffix('.md')}")
+    grid = cases.case_grid(device.type, batch=args.batch, quick=args.quick,
+                           tensors=tuple(args.tensor) if args.tensor else None,
+                           dtypes=tuple(args.dtype) if args.dtype else None,
+                           probabilities=tuple(args.p) if args.p else None)
+    samples = args.samples or (5 if args.quick else SAMPLES)
+    tensors, rows = [], []
+    groups = itertools.groupby(grid, key=lambda case: (case.label, case.shape, case.dtype))
+    with tqdm(total=len(grid), desc="op benchmark", unit="case", file=sys.stderr) as progress:
+        for (label, shape, dtype), group in groups:
+            bench = TensorBench(device, shape, dtype, samples)
+            floor = bench.floor()
+            example = Case(label, shape, dtype, 0.0, "none")
+            tensors.append({"label": label, "shape": list(shape), "dtype": dtype,
+                            "tensor_mib": example.tensor_bytes / 2**20, **floor,
+                            "copy_gbps": 2 * example.tensor_bytes / floor["copy"]["median_ms"] / 1e6})
+            for case in group:
+                progress.set_postfix_str(f"{label} {dtype} p={case.p} {case.activation}")
+                fns = implementations(device, case.p, case.activation, with_compile=not args.no_compile,
+                                      backends=args.backend)
+                # The profiler is slow to start: device times for the headline p only.
+                rows += rows_for(case, bench.case(fns, device_time=case.p == DEVICE_TIME_P), floor["copy"])
+                progress.update()
+            del bench
+    return {"benchmark": "op", **environment(device, args.command), "samples": samples,
+            "tensors": tensors, "rows": rows}
 
 
 def main(argv=None, command: str = "python -m bench.op") -> None:
@@ -211,8 +210,8 @@ def main(argv=None, command: str = "python -m bench.op") -> None:
     args = parse_args(argv)
     args.command = " ".join([command, *argv])
     result = run(args)
-    name = "op_thp.json" if result["thp_mem_alloc_enable"] == "1" else "op.json"
-    write_results(result, markdown(result), args.output or RESULTS / device_folder(result) / name)
+    stem = "op_thp" if result["thp_mem_alloc_enable"] == "1" else "op"
+    write_op_results(result, args.output or RESULTS / device_folder(result) / f"{stem}.json")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Timing done one way everywhere: warm-up, the median of many samples, and the candidates of one
-comparison run round-robin so that drift of a shared machine hits all alike. On CUDA a sample is
-CUDA events around ``calls_per_sample`` back-to-back calls (launch overhead amortised, no host
-synchronisation inside); on the CPU it is wall time around one call.
+comparison run round-robin, each round starting one candidate later, so that drift of a shared
+machine and the order hit all alike. A sample is ``calls`` back-to-back calls, enough to last
+``SAMPLE_SECONDS`` by the warm-up's estimate (at least ``MIN_CALLS``), so that a call's share of one-off
+costs (a sync, a cold first call) is amortised: CUDA events around them (no host synchronisation
+inside), wall time on the CPU.
 
 On CUDA the device time of a call (its kernels alone, from the profiler) is measured too: end to
 end is what a training step sees, device time is what the kernels achieve; the gap is host time the
 GPU waited for."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ class Timing:
     min_s: float
     mean_s: float
     samples: int
+    calls_per_sample: int
 
 
 def _sample_cpu(fn: Callable[[], object], calls: int) -> float:
@@ -41,20 +45,32 @@ def _sample_cuda(fn: Callable[[], object], calls: int) -> float:
     return start.elapsed_time(end) / 1e3 / calls
 
 
+SAMPLE_SECONDS = {"cpu": 0.02, "cuda": 0.002}
+MIN_CALLS = {"cpu": 1, "cuda": 10}
+MAX_CALLS = 1000
+
+
+def _calls_per_sample(fn: Callable[[], object], device: torch.device, warmup: int) -> int:
+    sample = _sample_cuda if device.type == "cuda" else _sample_cpu
+    seconds = min(sample(fn, 1) for _ in range(max(warmup, 1)))
+    wanted = math.ceil(SAMPLE_SECONDS.get(device.type, 0.02) / max(seconds, 1e-9))
+    return max(MIN_CALLS.get(device.type, 1), min(MAX_CALLS, wanted))
+
+
 def measure_side_by_side(candidates: dict[str, Callable[[], object]], device: torch.device, *,
                          warmup: int = 3, samples: int = 25) -> dict[str, Timing]:
-    """Median time of one call of each candidate over ``samples`` samples taken round-robin."""
-    sample, calls = (_sample_cuda, 10) if device.type == "cuda" else (_sample_cpu, 1)
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = {name: [] for name in candidates}
-    for _ in range(samples):
-        for name, fn in candidates.items():
-            times[name].append(sample(fn, calls))
-    return {name: Timing(statistics.median(t), min(t), statistics.fmean(t), samples) for name, t in times.items()}
+    """Time of one call of each candidate: median, min and mean over ``samples`` samples taken
+    round-robin."""
+    sample = _sample_cuda if device.type == "cuda" else _sample_cpu
+    calls = {name: _calls_per_sample(fn, device, warmup) for name, fn in candidates.items()}
+    names = list(candidates)
+    times = {name: [] for name in names}
+    for round_index in range(samples):
+        start = round_index % len(names)
+        for name in names[start:] + names[:start]:
+            times[name].append(sample(candidates[name], calls[name]))
+    return {name: Timing(statistics.median(t), min(t), statistics.fmean(t), samples, calls[name])
+            for name, t in times.items()}
 
 
 def device_time_per_call(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float:

@@ -20,14 +20,15 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     else ``1 - p``. A dropped row never reads ``x``. ``p`` is a float or a 0-d tensor; ``seed`` (an
     int in [0, 2**63) or a 1-element int64 tensor) replaces the seed drawn from ``generator`` (else
     the default generator of x's device). Output dtype ``torch.result_type(x, residual)``, memory
-    format of ``residual``. ``activation``: None or ``"relu"``. ``backend``: ``"auto"``, ``"cpu"``,
-    ``"reference"`` or ``"triton"``.
+    format of ``residual``. ``activation``: None or ``"relu"``. ``backend``: ``"auto"`` (the fastest
+    kernel for the device and size, stochdepth_kernels/backends.py), ``"cpu"``, ``"cuda"``,
+    ``"triton"`` or ``"reference"``.
     """
     validation.check_pair(x, residual)
     p_tensor = validation.probability_tensor(p, x.device)
     validation.check_choice(mode, "mode", validation.MODES)
     validation.check_choice(activation, "activation", validation.ACTIVATIONS)
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device, residual.numel() * residual.element_size())
     seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
     return impl.drop_path_add(x, residual, seed_t, p_tensor, training, mode, scale_by_keep, activation == "relu")
 
@@ -41,7 +42,7 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     validation.check_input(x, "x")
     p_tensor = validation.probability_tensor(p, x.device)
     validation.check_choice(mode, "mode", validation.MODES)
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device, x.numel() * x.element_size())
     seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
     if seed_t is None and scale_by_keep:
         return x

@@ -1,26 +1,45 @@
 """The training-step benchmark's own logic (no timing): the expected share of skipped FLOPs and the
 table."""
+import pytest
 import torch
 
 from bench import models
+from stochdepth_kernels import DropPathAdd
 
 
-def test_expected_skipped_fraction_is_the_rate_weighted_branch_share():
-    model, report = models.resnet50(torch.device("cpu"), "block", 0.5)
-    fraction = models.expected_skipped_fraction(model, report, torch.randn(1, 3, 32, 32))
-    # Branches are most of ResNet-50's FLOPs and the linear rates average (L + 1) / 2L * 0.5 = 0.27.
-    assert 0.15 < fraction < 0.27
-    assert model.training  # left as it was found
+@pytest.mark.parametrize("model_name", ["resnet50", "vit_small_patch16_224"])
+def test_expected_skipped_fraction_is_the_rate_weighted_branch_share(model_name):
+    model = models.build(model_name, 32, torch.device("cpu"), models.BLOCK)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)]
+    fraction = models.expected_skipped_fraction(model, torch.randn(2, 3, 32, 32))
+    # Branches are most of the FLOPs and timm's linear rates average 0.5 / 2 = 0.25.
+    assert sum(rates) / len(rates) == pytest.approx(models.BLOCK_RATE / 2)
+    assert 0.15 < fraction < 0.25
+    assert [m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)] == rates  # left as found
 
 
-def test_markdown_reports_each_row_and_the_block_saving():
+def test_variants_share_weights_and_timm_rates():
+    none, timm_droppath, ours = (models.build("resnet50", 32, torch.device("cpu"), name)
+                                 for name in (models.NONE, models.TIMM, models.SAMPLE))
+    assert all(torch.equal(a, b) for a, b in zip(none.state_dict().values(), ours.state_dict().values())
+               if a.dtype.is_floating_point)
+    timm_rates = [block.drop_path.drop_prob for stage in (timm_droppath.layer1, timm_droppath.layer2,
+                                                          timm_droppath.layer3, timm_droppath.layer4)
+                  for block in stage if block.drop_path is not None]
+    our_rates = [m.drop_prob for m in ours.modules() if isinstance(m, DropPathAdd) and m.drop_prob > 0]
+    assert our_rates == pytest.approx(timm_rates)
+
+
+def test_markdown_reports_each_model_row_and_the_block_saving():
+    rows = [{"name": models.NONE, "median_ms": 100.0, "mean_ms": 101.0, "min_ms": 99.0, "change_vs_none": 0.0,
+             "mean_change_vs_none": 0.0},
+            {"name": models.BLOCK, "median_ms": 80.0, "mean_ms": 75.75, "min_ms": 70.0, "change_vs_none": -0.2,
+             "mean_change_vs_none": -0.25}]
     result = {"device": "cpu", "device_type": "cpu", "threads": 2, "torch": "2.x", "date": "today",
-              "command": "python -m bench.models", "model": "torchvision resnet50", "batch": 8, "image_size": 128,
-              "samples": 3, "expected_skipped_flops_fraction": 0.25, "block_saving_vs_expected": 0.8,
-              "rows": [{"name": models.NONE, "median_ms": 100.0, "mean_ms": 101.0, "min_ms": 99.0, "change_vs_none": 0.0,
-                        "mean_change_vs_none": 0.0},
-                       {"name": models.BLOCK, "median_ms": 80.0, "mean_ms": 75.75, "min_ms": 70.0,
-                        "change_vs_none": -0.2, "mean_change_vs_none": -0.25}]}
+              "command": "python -m bench.models", "batch": 8, "image_size": 128, "samples": 3,
+              "models": {"ResNet-50": {"expected_skipped_flops_fraction": 0.25, "block_saving_vs_expected": 0.8,
+                                       "rows": rows}}}
     table = models.markdown(result)
-    assert "| block-wise, drop_rate 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 |" in table
+    assert "ResNet-50:" in table
+    assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 |" in table
     assert "expected share of FLOPs skipped 25.0%; the mean step time saved is 80% of that" in table
