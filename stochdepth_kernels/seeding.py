@@ -1,5 +1,9 @@
-"""The 64-bit seed of one training call (DESIGN.md, "One random stream for every backend")."""
+"""The 64-bit seed of one training call (DESIGN.md, "One random stream for every backend"), and
+the seed tape that gives an activation-checkpoint recomputation the forward's masks."""
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 from torch import Tensor
@@ -7,12 +11,58 @@ from torch import Tensor
 from stochdepth_kernels.validation import MAX_SEED, check_generator, check_seed
 
 
+class _SeedTape:
+    """The seeds drawn while recording, handed out again in the same order while replaying."""
+
+    def __init__(self):
+        self.seeds: list[Tensor] = []
+        self.replayed = 0
+
+    def next_seed(self, draw) -> Tensor:
+        if _active.mode == "record":
+            self.seeds.append(draw())
+            return self.seeds[-1]
+        if self.replayed == len(self.seeds):
+            raise RuntimeError(f"the recomputation drew more seeds than the forward it repeats ({len(self.seeds)}): "
+                               "it must run the same stochastic-depth calls in the same order")
+        self.replayed += 1
+        return self.seeds[self.replayed - 1]
+
+    @contextlib.contextmanager
+    def use(self, mode: str):
+        previous = (getattr(_active, "tape", None), getattr(_active, "mode", None))
+        _active.tape, _active.mode = self, mode
+        self.replayed = 0
+        try:
+            yield
+        finally:
+            _active.tape, _active.mode = previous
+
+
+_active = threading.local()
+
+
+def same_masks_on_recompute():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    recomputation reuses the seeds the checkpointed forward drew, in order, so it draws the same
+    masks even with ``preserve_rng_state=False`` (which otherwise gives the backward different masks
+    from the forward's)."""
+    tape = _SeedTape()
+    return tape.use("record"), tape.use("replay")
+
+
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
-    device's default generator). Drawing on the device keeps it inside CUDA graphs and visible to
-    torch.compile; ``torch.manual_seed`` reproduces it."""
+    device's default generator), or replayed from the active seed tape (:func:`same_masks_on_recompute`).
+    Drawing on the device keeps it inside CUDA graphs and visible to torch.compile;
+    ``torch.manual_seed`` reproduces it."""
     check_generator(generator, device)
-    return torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+
+    def draw() -> Tensor:
+        return torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+
+    tape = None if torch.compiler.is_compiling() else getattr(_active, "tape", None)
+    return draw() if tape is None else tape.next_seed(draw)
 
 
 def seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:

@@ -146,3 +146,34 @@ def test_changing_p_does_not_recompile():
             out = compiled(x, residual)
             torch.manual_seed(1)
             assert_matches(out, fused_drop_path_add(x, residual, p, activation="relu"))
+
+
+@pytest.mark.parametrize("make", [lambda: DropPath(0.5), lambda: DropPathAdd(0.5, activation="relu"),
+                                  lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5)],
+                         ids=["DropPath", "DropPathAdd", "StochasticDepth"])
+def test_compiled_module_draws_a_fresh_mask_per_call_and_matches_eager(make):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    module = make()
+    inputs = [random_tensor((64, 8)).requires_grad_() for _ in range(2 if isinstance(module, DropPathAdd) else 1)]
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=counter, fullgraph=True)
+    results = []
+    for run in (compiled, module, compiled):
+        torch.manual_seed(3 if len(results) < 2 else 4)
+        out = run(*inputs)
+        results.append([out, *torch.autograd.grad(out.sum(), inputs)])
+    for got, want in zip(results[0], results[1]):  # same seed: same mask, output and gradients as eager
+        assert_matches(got, want)
+    assert not torch.equal(results[0][0], results[2][0])  # a fresh mask, not one frozen at trace time
+    compiled_frames = counter.frame_count
+    module.drop_prob = 0.25
+    compiled(*inputs)
+    assert counter.frame_count == compiled_frames  # p is a buffer: no recompile
+    module.eval()
+    compiled(*inputs)
+    assert counter.frame_count == compiled_frames + 1  # eval compiles once
+    module.train()
+    compiled(*inputs)
+    assert counter.frame_count == compiled_frames + 1  # and training is still cached
