@@ -1,5 +1,6 @@
-"""The 64-bit seed of one training call (DESIGN.md, "One random stream for every backend"), and
-the seed tape that gives an activation-checkpoint recomputation the forward's masks."""
+"""The 64-bit seed of one training call (DESIGN.md, "One random stream for every backend"): drawn
+from a generator, made per-rank under torch.distributed, and replayed by the seed tape that gives
+an activation-checkpoint recomputation the forward's masks."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,28 @@ import threading
 import torch
 from torch import Tensor
 
-from stochdepth_kernels.validation import MAX_SEED, check_generator, check_seed
+from stochdepth_kernels.validation import MAX_SEED, check_choice, check_generator, check_seed
+
+SEED_SCOPES = ("rank", "global")
+_seed_scope = "rank"
+_RANK_MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant: distinct ranks get distinct offsets
+
+
+def set_seed_scope(scope: str) -> None:
+    """Under torch.distributed, ``"rank"`` (the default) gives every rank its own masks, even when
+    all ranks seed their generators alike; ``"global"`` gives every rank the masks its generator
+    draws (identical ranks for identically seeded generators)."""
+    global _seed_scope
+    check_choice(scope, "seed_scope", SEED_SCOPES)
+    _seed_scope = scope
+
+
+def _rank_offset() -> int:
+    """What a drawn seed is XORed with on this rank: 0 outside torch.distributed, on rank 0, or with
+    the "global" scope; below 2**62, so the seed stays in [0, 2**63)."""
+    if _seed_scope != "rank" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0
+    return (torch.distributed.get_rank() * _RANK_MIX) % 2**64 >> 2
 
 
 class _SeedTape:
@@ -53,13 +75,16 @@ def same_masks_on_recompute():
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
-    device's default generator), or replayed from the active seed tape (:func:`same_masks_on_recompute`).
+    device's default generator) and made this rank's (:func:`set_seed_scope`), or replayed from the
+    active seed tape (:func:`same_masks_on_recompute`).
     Drawing on the device keeps it inside CUDA graphs and visible to torch.compile;
     ``torch.manual_seed`` reproduces it."""
     check_generator(generator, device)
 
     def draw() -> Tensor:
-        return torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+        seed = torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+        offset = _rank_offset()
+        return seed.bitwise_xor_(offset) if offset else seed
 
     tape = None if torch.compiler.is_compiling() else getattr(_active, "tape", None)
     return draw() if tape is None else tape.next_seed(draw)

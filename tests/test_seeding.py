@@ -23,7 +23,9 @@ def test_manual_seed_reproduces_masks():
 def test_generator_isolates_the_stream():
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     torch.manual_seed(0)
+    state = torch.get_rng_state()
     a = masks(generator=gen_a)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator did not move
     torch.manual_seed(1)
     b = masks(generator=gen_b)
     assert torch.equal(a, b)

@@ -83,3 +83,21 @@ def test_probability_as_tensor_equals_float(backend):
     a = fused_drop_path_add(x, residual, 0.25, seed=5, backend=backend)
     b = fused_drop_path_add(x, residual, torch.tensor(0.25), seed=5, backend=backend)
     assert_matches(a, b, exact=True)
+
+
+@pytest.mark.parametrize("x_grad, r_grad", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradients_only_where_asked(backend, x_grad, r_grad, activation):
+    x0, r0 = random_tensor((16, 5)), random_tensor((16, 5))
+    x, residual = x0.clone().requires_grad_(x_grad), r0.clone().requires_grad_(r_grad)
+    out = fused_drop_path_add(x, residual, 0.5, seed=3, activation=activation, backend=backend)
+    assert out.requires_grad == (x_grad or r_grad)
+    if not out.requires_grad:
+        return
+    both = (x0.requires_grad_(), r0.requires_grad_())
+    expected = torch.autograd.grad(fused_drop_path_add(*both, 0.5, seed=3, activation=activation,
+                                                       backend="reference").sum(), both)
+    asked = [i for i, wanted in enumerate((x_grad, r_grad)) if wanted]
+    got = torch.autograd.grad(out.sum(), [(x, residual)[i] for i in asked])
+    for i, grad in zip(asked, got):
+        assert_matches(grad, expected[i])
