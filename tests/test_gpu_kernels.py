@@ -1,10 +1,12 @@
 """What every GPU kernel backend (Triton, CUDA) must pass on a GPU (marker ``cuda``): opcheck of its
-registered ops, a torch.compile(fullgraph=True) trace with a tensor p, and int64 indexing."""
+registered ops, a torch.compile(fullgraph=True) trace with a tensor p, a captured forward+backward
+replayed with fresh masks, and int64 indexing."""
 import pytest
 import torch
 
-from helpers import assert_matches, random_tensor
-from stochdepth_kernels import available_backends, fused_drop_path_add
+from helpers import assert_matches, kept_rows, random_tensor
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+from stochdepth_kernels.seeding import draw_seed
 
 pytestmark = pytest.mark.cuda
 
@@ -47,6 +49,36 @@ def test_opcheck_and_compile(backend):
     compiled.float().sum().backward()
     assert x.grad is not None and residual.grad is not None
     block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
+
+
+def test_cuda_graph_of_forward_and_backward_draws_a_fresh_mask_each_replay(backend):
+    x, residual = (random_tensor((64, 8, 8), device="cuda").requires_grad_() for _ in range(2))
+
+    def step():
+        seed = draw_seed(x.device)
+        out = fused_drop_path_add(x, residual, 0.5, activation="relu", seed=seed, backend=backend)
+        return (seed, out, *torch.autograd.grad(out, (x, residual), torch.ones_like(out)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and Triton's autotuning) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    masks = set()
+    for _ in range(4):
+        graph.replay()
+        torch.cuda.synchronize()
+        seed = captured[0].clone()
+        inputs = (x.detach().requires_grad_(), residual.detach().requires_grad_())
+        expected = fused_drop_path_add(*inputs, 0.5, activation="relu", seed=seed, backend="reference")
+        expected = (expected, *torch.autograd.grad(expected, inputs, torch.ones_like(expected)))
+        for name, got, want in zip(["out", "grad_x", "grad_residual"], captured[1:], expected):
+            assert_matches(got, want, name)
+        masks.add(tuple(kept_rows(drop_path(x.detach(), 0.5, seed=seed, backend="reference")).tolist()))
+    assert len(masks) == 4, "a replay reused a mask"
 
 
 def test_int64_indexing_past_2_31_elements(backend):
