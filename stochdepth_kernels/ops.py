@@ -1,7 +1,11 @@
 """Fake (meta) and autograd registrations of the ``stochdepth::`` ops whose schemas and device
-kernels live in csrc/. Importing this module loads the native library."""
+kernels live in csrc/. Importing this module loads the native library: the schemas and CUDA kernels
+(``_C``) and the CPU kernels built for this machine's instruction set (``_cpu_avx2`` or
+``_cpu_default``)."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Callable
 
 import torch
@@ -19,6 +23,20 @@ ops = torch.ops.stochdepth
 WITH_CUDA = bool(_C.WITH_CUDA)
 
 
+def _cpu_kernel_isa() -> str:
+    """"avx2" where the CPU (as ATen sees it; ATEN_CPU_CAPABILITY=default overrides) runs AVX2 and
+    that build exists, else "default"."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        if importlib.util.find_spec("stochdepth_kernels._cpu_avx2") is not None:
+            return "avx2"
+    return "default"
+
+
+# The CPU kernels' instruction set; importing the module registers them.
+CPU_KERNEL_ISA = _cpu_kernel_isa()
+importlib.import_module(f"stochdepth_kernels._cpu_{CPU_KERNEL_ISA}")
+
+
 @torch.library.register_fake("stochdepth::drop_path_add")
 def _drop_path_add_fake(x, residual, seed, p, training, mode, scale_by_keep, relu):
     torch._check(x.shape == residual.shape, lambda: "x and residual must have the same shape")
@@ -34,6 +52,13 @@ def _drop_path_fake(x, seed, p, training, mode, scale_by_keep, out_dtype=None):
 def _relu_backward_fake(grad, out, seed, p, training, mode, scale_by_keep, x_dtype, residual_dtype):
     torch._check(grad.shape == out.shape, lambda: "grad and out must have the same shape")
     return torch.empty_like(out, dtype=x_dtype), torch.empty_like(out, dtype=residual_dtype)
+
+
+def _factor_is_one(seed, ctx) -> bool:
+    """Every row's factor is 1, so x's gradient needs no kernel: no coin was drawn and either p is
+    known to be 0 (training) or kept rows are not rescaled in eval (``scale_by_keep``)."""
+    training, _, scale_by_keep = ctx.coin_args
+    return seed is None and (training or scale_by_keep)
 
 
 def _save_coin(ctx, seed, p, training, mode, scale_by_keep, extra=None):
@@ -56,11 +81,15 @@ def _autograd_rules(unary, relu_backward):
     def backward_add(ctx, grad):
         seed, p, out = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
+        if ctx.relu and _factor_is_one(seed, ctx):
+            # x's gradient is the residual's: one threshold pass (as eager's relu backward), no kernel.
+            grad_residual = torch.ops.aten.threshold_backward(grad, out, 0)
+            return grad_residual.to(x_dtype), grad_residual.to(residual_dtype), None, None, None, None, None, None
         if ctx.relu:
             grad_x, grad_residual = relu_backward(grad, out, seed, p, *ctx.coin_args, x_dtype, residual_dtype)
         else:
             grad_residual = grad  # d out / d residual is the identity: no copy
-            grad_x = unary(grad, seed, p, *ctx.coin_args, x_dtype) if ctx.needs_input_grad[0] else None
+            grad_x = unary_backward(grad, seed, p, ctx, x_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_residual, None, None, None, None, None, None
 
     def setup_unary(ctx, inputs, output):
@@ -70,7 +99,11 @@ def _autograd_rules(unary, relu_backward):
 
     def backward_unary(ctx, grad):
         seed, p, _ = ctx.saved_tensors
-        return unary(grad, seed, p, *ctx.coin_args, ctx.x_dtype), None, None, None, None, None, None
+        return unary_backward(grad, seed, p, ctx, ctx.x_dtype), None, None, None, None, None, None
+
+    def unary_backward(grad, seed, p, ctx, x_dtype):
+        """``factor_b * grad`` in x's dtype: ``grad`` itself where every factor is 1."""
+        return grad.to(x_dtype) if _factor_is_one(seed, ctx) else unary(grad, seed, p, *ctx.coin_args, x_dtype)
 
     return setup_add, backward_add, setup_unary, backward_unary
 

@@ -1,5 +1,12 @@
 """What is particular to the fused CPU kernel: threads, gradcheck, opcheck of the native ops,
-compile, random shapes. The grid against the reference is in test_kernels_match_reference.py."""
+compile, random shapes, the build per instruction set. The grid against the reference is in
+test_kernels_match_reference.py."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -101,3 +108,42 @@ def test_random_inputs_match_reference(shape, dtype, layout, p, training, mode, 
     out, expected = with_reference("cpu", fused_drop_path_add, x, residual, p, training=training, mode=mode,
                                    scale_by_keep=scale_by_keep, activation=activation, seed=seed)
     assert_matches(out, expected)
+
+
+def test_cpu_kernels_are_the_build_for_this_machine():
+    from stochdepth_kernels.ops import CPU_KERNEL_ISA
+
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    assert CPU_KERNEL_ISA == ("avx2" if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                              else "default")
+
+
+BASELINE_BUILD_CHECK = """
+import torch, sys
+sys.path.insert(0, "tests")
+from helpers import DTYPES, LAYOUTS, assert_matches, random_tensor, with_reference
+from stochdepth_kernels import drop_path, fused_drop_path_add
+from stochdepth_kernels.ops import CPU_KERNEL_ISA
+assert CPU_KERNEL_ISA == "default", CPU_KERNEL_ISA
+for dtype in DTYPES:
+    for layout in LAYOUTS:
+        x, r = random_tensor((7, 3, 5, 6), dtype, layout), random_tensor((7, 3, 5, 6), dtype, layout)
+        for activation in (None, "relu"):
+            assert_matches(*with_reference("cpu", fused_drop_path_add, x, r, 0.5, seed=9, activation=activation))
+        assert_matches(*with_reference("cpu", drop_path, x, 0.5, seed=9), exact=True)
+        grad, out = random_tensor(x.shape, dtype), torch.relu(r)
+        seed, p = torch.tensor([9]), torch.tensor(0.5, dtype=torch.float64)
+        from stochdepth_kernels import reference
+        for got, want in zip(torch.ops.stochdepth.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype),
+                             reference.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype)):
+            assert_matches(got, want)
+"""
+
+
+def test_baseline_build_matches_reference():
+    """The x86-64 baseline build, which this machine's tests otherwise skip when it runs AVX2: every
+    dtype and layout against the reference, in a process where ATen reports no vector extension."""
+    result = subprocess.run([sys.executable, "-c", BASELINE_BUILD_CHECK], capture_output=True, text=True,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -101,3 +101,21 @@ def test_gradients_only_where_asked(backend, x_grad, r_grad, activation):
     got = torch.autograd.grad(out.sum(), [(x, residual)[i] for i in asked])
     for i, grad in zip(asked, got):
         assert_matches(grad, expected[i])
+
+
+@pytest.mark.parametrize("training, p", [(True, 0.0), (False, 0.3)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_unit_factor_backward_launches_no_kernel(backend, training, p, activation):
+    """Where every factor is 1 (p = 0, or eval with scale_by_keep), x's gradient is the residual's:
+    without activation the upstream gradient itself, with ReLU one threshold pass shared by both."""
+    if backend == "reference":
+        pytest.skip("the reference's backward is PyTorch's own")
+    x, residual = (random_tensor((16, 5)).requires_grad_() for _ in range(2))
+    grad = random_tensor((16, 5))
+    out = fused_drop_path_add(x, residual, p, training=training, activation=activation, backend=backend)
+    grad_x, grad_residual = torch.autograd.grad(out, (x, residual), grad)
+    assert grad_x.data_ptr() == grad_residual.data_ptr()
+    if activation is None:
+        assert grad_x.data_ptr() == grad.data_ptr()
+    expected = torch.where(out > 0, grad, 0.0) if activation else grad
+    assert_matches(grad_x, expected, exact=True)
