@@ -28,6 +28,8 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     p_tensor = validation.probability_tensor(p, x.device)
     validation.check_choice(mode, "mode", validation.MODES)
     validation.check_choice(activation, "activation", validation.ACTIVATIONS)
+    validation.check_bool(training, "training")
+    validation.check_bool(scale_by_keep, "scale_by_keep")
     impl = resolve_backend(backend, x.device, residual.numel() * residual.element_size())
     seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
     return impl.drop_path_add(x, residual, seed_t, p_tensor, training, mode, scale_by_keep, activation == "relu")
@@ -42,6 +44,8 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     validation.check_input(x, "x")
     p_tensor = validation.probability_tensor(p, x.device)
     validation.check_choice(mode, "mode", validation.MODES)
+    validation.check_bool(training, "training")
+    validation.check_bool(scale_by_keep, "scale_by_keep")
     impl = resolve_backend(backend, x.device, x.numel() * x.element_size())
     seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
     if seed_t is None and scale_by_keep:

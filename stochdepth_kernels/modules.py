@@ -52,6 +52,7 @@ class DropPath(_HasDropProbability):
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True, mode: str = "row"):
         super().__init__(drop_prob)
         validation.check_choice(mode, "mode", validation.MODES)
+        validation.check_bool(scale_by_keep, "scale_by_keep")
         self.scale_by_keep, self.mode = scale_by_keep, mode
 
     def forward(self, x: Tensor) -> Tensor:
@@ -90,6 +91,7 @@ class DropPathAdd(_HasDropProbability):
         super().__init__(p)
         validation.check_choice(activation, "activation", validation.ACTIVATIONS)
         validation.check_choice(mode, "mode", validation.MODES)
+        validation.check_bool(scale_by_keep, "scale_by_keep")
         self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
@@ -126,6 +128,8 @@ class StochasticDepth(nn.Module):
     def __init__(self, branch: nn.Module, p: float = 0.0, mode: str = "row", shortcut: nn.Module | None = None,
                  activation: str | None = None, scale_by_keep: bool = True):
         super().__init__()
+        validation.check_module(branch, "branch")
+        validation.check_module(shortcut, "shortcut", optional=True)
         self.branch, self.shortcut = branch, shortcut
         self.drop = DropPathAdd(p, activation=activation, mode=mode, scale_by_keep=scale_by_keep)
 

@@ -83,6 +83,7 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
     (``drop_distribution``, ``convention``: Composer's and the paper's ``(l + 1) / L * rate`` by
     default, ``"timm"`` for linspace from 0). ``stochastic_method="sample"``: one coin per sample;
     ``"block"``: one per batch, skipping the branch's compute where the block supports it."""
+    validation.check_module(model, "model")
     validation.check_choice(stochastic_method, "stochastic_method", list(STOCHASTIC_METHODS))
     validation.check_choice(drop_distribution, "drop_distribution", DISTRIBUTIONS)
     validation.check_choice(convention, "convention", CONVENTIONS)

@@ -17,6 +17,18 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_bool(value, name: str) -> None:
+    """A Python bool (the ops' flags take nothing else; a truthy string would mean nothing)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_module(value, name: str, optional: bool = False) -> None:
+    if not (isinstance(value, torch.nn.Module) or (optional and value is None)):
+        allowed = "a torch.nn.Module or None" if optional else "a torch.nn.Module"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}")
+
+
 def check_input(t, name: str) -> None:
     """A floating-point tensor with a batch dimension."""
     if not isinstance(t, Tensor):

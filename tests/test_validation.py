@@ -4,8 +4,9 @@ import re
 import pytest
 import torch
 
-from stochdepth_kernels import drop_path, fused_drop_path_add
+from stochdepth_kernels import DropPath, DropPathAdd, StochasticDepth, drop_path, fused_drop_path_add
 from stochdepth_kernels.backends import BACKENDS
+from stochdepth_kernels.surgery import apply_stochastic_depth
 
 X = torch.randn(4, 3)
 R = torch.randn(4, 3)
@@ -33,6 +34,8 @@ FUSED_CASES = [
     ({"seed": 1.5}, TypeError, "seed must be an int or a 1-element int64 tensor, got float"),
     ({"seed": torch.tensor([1, 2])}, TypeError, "seed must be an int or a 1-element int64 tensor, got torch.int64 tensor of shape (2,)"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator, got int"),
+    ({"training": "yes"}, TypeError, "training must be a bool, got str"),
+    ({"scale_by_keep": None}, TypeError, "scale_by_keep must be a bool, got NoneType"),
 ]
 
 
@@ -52,6 +55,22 @@ def test_unary_rejects_bad_argument(override, error, message):
     kwargs = {"x": X, "p": 0.2, **override}
     with pytest.raises(error, match=re.escape(message)):
         drop_path(kwargs.pop("x"), kwargs.pop("p"), **kwargs)
+
+
+CONSTRUCTOR_CASES = [
+    (lambda: DropPath(0.1, scale_by_keep="yes"), "scale_by_keep must be a bool, got str"),
+    (lambda: DropPathAdd(0.1, scale_by_keep=1), "scale_by_keep must be a bool, got int"),
+    (lambda: StochasticDepth(None, 0.1), "branch must be a torch.nn.Module, got NoneType"),
+    (lambda: StochasticDepth(torch.nn.Identity(), 0.1, shortcut="x"),
+     "shortcut must be a torch.nn.Module or None, got str"),
+    (lambda: apply_stochastic_depth("resnet50"), "model must be a torch.nn.Module, got str"),
+]
+
+
+@pytest.mark.parametrize("make, message", CONSTRUCTOR_CASES)
+def test_modules_and_surgery_reject_bad_types(make, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        make()
 
 
 def test_errors_are_raised_in_eval_too():
