@@ -67,12 +67,14 @@ def core_extension(sources):
     )
 
 
+SOURCES = read_sources()
+
 setup(
     name="stochdepth_kernels",
     version="0.1.0",
     description="Fused stochastic depth (drop path) + residual add kernels for PyTorch",
     packages=find_packages(include=["stochdepth_kernels", "stochdepth_kernels.*"]),
-    ext_modules=[core_extension(read_sources()), *cpu_kernel_extensions(read_sources())],
+    ext_modules=[core_extension(SOURCES), *cpu_kernel_extensions(SOURCES)],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     install_requires=["torch>=2.11"],
     python_requires=">=3.10",

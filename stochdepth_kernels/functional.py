@@ -10,6 +10,17 @@ from stochdepth_kernels.seeding import call_seed
 __all__ = ["available_backends", "drop_path", "fused_drop_path_add"]
 
 
+def _prepare_call(x: Tensor, p, training, mode, scale_by_keep, generator, seed, backend, size_bytes: int):
+    """What both public functions check and draw after their tensors: p as the ops' tensor, the
+    backend for ``size_bytes`` on x's device, and the call's seed (None when no coin is drawn)."""
+    p_tensor = validation.probability_tensor(p, x.device)
+    validation.check_choice(mode, "mode", validation.MODES)
+    validation.check_bool(training, "training")
+    validation.check_bool(scale_by_keep, "scale_by_keep")
+    impl = resolve_backend(backend, x.device, size_bytes)
+    return p_tensor, impl, call_seed(training, validation.is_zero(p), seed, generator, x.device)
+
+
 def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True, mode: str = "row",
                         scale_by_keep: bool = True, activation: str | None = None, generator=None,
                         seed=None, backend: str = "auto") -> Tensor:
@@ -25,13 +36,9 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     ``"triton"`` or ``"reference"``.
     """
     validation.check_pair(x, residual)
-    p_tensor = validation.probability_tensor(p, x.device)
-    validation.check_choice(mode, "mode", validation.MODES)
     validation.check_choice(activation, "activation", validation.ACTIVATIONS)
-    validation.check_bool(training, "training")
-    validation.check_bool(scale_by_keep, "scale_by_keep")
-    impl = resolve_backend(backend, x.device, residual.numel() * residual.element_size())
-    seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
+    p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
+                                           residual.numel() * residual.element_size())
     return impl.drop_path_add(x, residual, seed_t, p_tensor, training, mode, scale_by_keep, activation == "relu")
 
 
@@ -42,12 +49,8 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     reading ``x``. Like timm's ``drop_path``, it returns ``x`` itself when no coin is drawn and the
     factor is 1 (eval or ``p == 0`` with ``scale_by_keep``)."""
     validation.check_input(x, "x")
-    p_tensor = validation.probability_tensor(p, x.device)
-    validation.check_choice(mode, "mode", validation.MODES)
-    validation.check_bool(training, "training")
-    validation.check_bool(scale_by_keep, "scale_by_keep")
-    impl = resolve_backend(backend, x.device, x.numel() * x.element_size())
-    seed_t = call_seed(training, validation.is_zero(p), seed, generator, x.device)
+    p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
+                                           x.numel() * x.element_size())
     if seed_t is None and scale_by_keep:
         return x
     return impl.drop_path(x, seed_t, p_tensor, training, mode, scale_by_keep, None)

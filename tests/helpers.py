@@ -1,5 +1,5 @@
-"""What every test compares with: random inputs in every layout, and one comparison that explains
-its failures."""
+"""What every test compares with: random inputs in every layout, one comparison that explains its
+failures, and the small model the training tests train."""
 from __future__ import annotations
 
 import torch
@@ -73,3 +73,21 @@ def with_reference(backend: str, fn, *args, **kwargs):
     """``(fn(..., backend=backend), fn(..., backend="reference"))``: one call on each, same arguments
     (pass ``seed=`` so both draw the same mask)."""
     return fn(*args, backend=backend, **kwargs), fn(*args, backend="reference", **kwargs)
+
+
+def small_resnet(method: str = "sample") -> torch.nn.Module:
+    """torchvision's ResNet-18 (4 classes), the same weights on every call (``torch.manual_seed(0)``),
+    given stochastic depth at rate 0.5 by surgery with ``method``."""
+    import torchvision
+
+    from stochdepth_kernels.surgery import apply_stochastic_depth
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    apply_stochastic_depth(model, stochastic_method=method, drop_rate=0.5)
+    return model
+
+
+def flat_parameters(model: torch.nn.Module) -> Tensor:
+    """Every parameter of ``model``, detached, in one 1-d tensor."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
+from helpers import flat_parameters, small_resnet
 from stochdepth_kernels import drop_path, set_seed_scope
-from stochdepth_kernels.surgery import apply_stochastic_depth
 
 WORLD = 2
 STEPS = 3
@@ -41,9 +40,7 @@ def _train(rank, port):
             assert torch.equal(masks[0], masks[1]) == (scope == "global"), f"seed scope {scope!r}"
             for method in ("sample", "block"):
                 for static_graph in (False, True):
-                    torch.manual_seed(0)
-                    model = torchvision.models.resnet18(num_classes=4)
-                    apply_stochastic_depth(model, stochastic_method=method, drop_rate=0.5)
+                    model = small_resnet(method)
                     ddp = DistributedDataParallel(model, static_graph=static_graph)
                     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
                     data = torch.Generator().manual_seed(rank)  # each rank its own batch
@@ -51,8 +48,7 @@ def _train(rank, port):
                         optimizer.zero_grad(set_to_none=True)
                         ddp(torch.randn(4, 3, 32, 32, generator=data)).square().mean().backward()
                         optimizer.step()
-                        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-                        ranks = _gathered(flat)
+                        ranks = _gathered(flat_parameters(model))
                         assert torch.equal(ranks[0], ranks[1]), (
                             f"parameters differ across ranks after step {step} ({scope}, {method}, "
                             f"static_graph={static_graph})")

@@ -4,15 +4,12 @@ RNG state continues bit for bit."""
 import copy
 
 import torch
-import torchvision
 
-from stochdepth_kernels.surgery import apply_stochastic_depth
+from helpers import flat_parameters, small_resnet
 
 
 def new_training(method="sample"):
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=4)
-    apply_stochastic_depth(model, stochastic_method=method, drop_rate=0.5)
+    model = small_resnet(method)
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
@@ -23,24 +20,20 @@ def train(model, optimizer, steps):
         optimizer.step()
 
 
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 def test_same_seed_same_trained_weights_for_both_methods():
     for method in ("sample", "block"):
         runs = []
         for _ in range(2):
             model, optimizer = new_training(method)
             train(model, optimizer, 3)
-            runs.append(weights(model))
+            runs.append(flat_parameters(model))
         assert torch.equal(*runs), method
 
 
 def test_resume_from_checkpoint_continues_bit_for_bit():
     model, optimizer = new_training()
     train(model, optimizer, 5)
-    uninterrupted = weights(model)
+    uninterrupted = flat_parameters(model)
 
     model, optimizer = new_training()
     train(model, optimizer, 2)
@@ -53,4 +46,4 @@ def test_resume_from_checkpoint_continues_bit_for_bit():
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     train(model, optimizer, 3)
-    assert torch.equal(weights(model), uninterrupted)
+    assert torch.equal(flat_parameters(model), uninterrupted)
