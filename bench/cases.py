@@ -62,14 +62,16 @@ def case_grid(device_type: str, *, batch: int | None = None, quick: bool = False
 
 
 def minimal_bytes(pass_name: str, case: Case) -> float:
-    """DESIGN.md's floor for one call. Forward: ``keep*|x| + |r| + |out|``. Backward without
-    activation: ``keep*|g| + |g_x|`` (the residual's gradient is ``g`` itself); with ReLU the
-    gradient is masked by ``out > 0``: ``|g| + |out| + |g_r| + |g_x|``. Gradients are written whole
-    (zeros in dropped rows)."""
+    """DESIGN.md's floor for one call. Forward (inference): ``keep*|x| + |r| + |out|``. Backward
+    without activation: ``keep*|g| + |g_x|`` (the residual's gradient is ``g`` itself); with ReLU
+    the gradient is masked by ``out > 0``, one bit per element that the forward writes and the
+    backward reads: ``|g| + numel/8 + |g_r| + |g_x|``, and forward+backward writes the bits too.
+    Gradients are written whole (zeros in dropped rows)."""
     size, keep = case.tensor_bytes, 1 - case.p
+    sign_bits = size / ELEMENT_BYTES[case.dtype] / 8 if case.activation == "relu" else 0.0
     forward = (keep + 2) * size
-    backward = (4 if case.activation == "relu" else keep + 1) * size
-    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[pass_name]
+    backward = (3 * size + sign_bits) if case.activation == "relu" else (keep + 1) * size
+    return {"forward": forward, "backward": backward, "forward+backward": forward + sign_bits + backward}[pass_name]
 
 
 def last_level_cache_bytes(device) -> int:

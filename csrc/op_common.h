@@ -1,9 +1,11 @@
 // Host-side code every device implementation of the stochdepth:: ops shares: argument checks (each
-// message names the argument and the value), torch.result_type of two floating dtypes, and copying
-// an input into the output's layout so that kernels walk dense tensors in one memory order.
+// message names the argument and the value), torch.result_type of two floating dtypes, the layout of
+// the ReLU sign mask, and copying an input into the output's layout so that kernels walk dense
+// tensors in one memory order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -63,11 +65,40 @@ inline void check_seed(const std::optional<at::Tensor>& seed) {
                                      : std::string("None"));
 }
 
-// The relu backward's out holds torch.result_type(x_dtype, residual_dtype).
-inline void check_relu_backward_out(const at::Tensor& out, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
-  const auto expected = c10::promoteTypes(x_dtype, residual_dtype);
-  TORCH_CHECK_VALUE(out.scalar_type() == expected, "out must have dtype result_type(x_dtype, residual_dtype) = ",
-                    c10::toString(expected), ", got ", c10::toString(out.scalar_type()));
+// The ReLU sign mask. A dense tensor's memory splits into runs of run_length elements that share a
+// batch row (one whole sample when the batch dimension is outermost), as every kernel walks it. Each
+// run takes ceil(run_length / 8) bytes of the mask; bit k of a run's byte j is set where element
+// 8j + k of the run (memory order) of the forward output is positive or NaN: where relu passes its
+// gradient, as threshold_backward decides. Runs start on byte boundaries, so a kernel thread that
+// handles whole groups of 8 elements of a run owns its bytes.
+constexpr int64_t kMaskGroup = 8;
+
+inline int64_t run_length_of(const at::Tensor& dense) {
+  return dense.size(0) > 1 ? dense.stride(0) : dense.numel();
+}
+
+inline int64_t relu_mask_bytes(const at::Tensor& dense) {
+  if (dense.numel() == 0) return 0;
+  const int64_t run_length = run_length_of(dense);
+  return dense.numel() / run_length * ((run_length + kMaskGroup - 1) / kMaskGroup);
+}
+
+// The forward's second output: the mask for `out` when asked for (relu only), else empty.
+inline at::Tensor make_relu_mask(const at::Tensor& out, bool relu, bool save_relu_mask) {
+  TORCH_CHECK_VALUE(relu || !save_relu_mask, "save_relu_mask=True needs relu=True, got relu=False");
+  return at::empty({save_relu_mask ? relu_mask_bytes(out) : 0}, out.options().dtype(at::kByte));
+}
+
+// The relu backward's grad gives the forward output's layout and so the mask's.
+inline void check_relu_mask(const at::Tensor& relu_mask, const at::Tensor& grad) {
+  check_batched(grad, "grad");
+  TORCH_CHECK_VALUE(grad.is_non_overlapping_and_dense(),
+                    "grad must be dense, in the forward output's layout, got strides ", format_sizes(grad.strides()));
+  const int64_t bytes = relu_mask_bytes(grad);
+  TORCH_CHECK_VALUE(relu_mask.scalar_type() == at::kByte && relu_mask.dim() == 1 && relu_mask.numel() == bytes,
+                    "relu_mask must be the forward's uint8 mask of ", std::to_string(bytes),
+                    " bytes for grad of shape ", format_sizes(grad.sizes()), ", got ",
+                    c10::toString(relu_mask.scalar_type()), " tensor of shape ", format_sizes(relu_mask.sizes()));
 }
 
 // `t` itself when it already has `layout`'s strides, else a copy of it in that layout.

@@ -110,11 +110,17 @@ STOCHDEPTH_HOST_DEVICE acc_t dropped_element(acc_t residual, bool apply_relu) {
   return apply_relu ? relu(residual) : residual;
 }
 
-// act'(out) * grad for ReLU, the gradient reaching the residual; like torch's threshold_backward,
-// a NaN output passes the gradient through.
+// Whether relu passes the gradient at output value `out`: like torch's threshold_backward, a NaN
+// output passes it. The ReLU sign mask stores this bit per element.
 template <typename acc_t>
-STOCHDEPTH_HOST_DEVICE acc_t relu_backward_element(acc_t grad, acc_t out) {
-  return out <= acc_t(0) ? acc_t(0) : grad;
+STOCHDEPTH_HOST_DEVICE bool relu_passes(acc_t out) {
+  return !(out <= acc_t(0));
+}
+
+// act'(out) * grad for ReLU, the gradient reaching the residual, given relu_passes(out).
+template <typename acc_t>
+STOCHDEPTH_HOST_DEVICE acc_t relu_backward_element(acc_t grad, bool passes) {
+  return passes ? grad : acc_t(0);
 }
 
 }  // namespace stochdepth

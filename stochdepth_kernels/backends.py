@@ -1,6 +1,6 @@
 """The backends of the op and how ``backend="auto"`` picks one.
 
-Each backend is the same three callables with the ops' signatures: the native ``stochdepth::`` ops
+Each backend is the same two callables with the ops' arguments: the native ``stochdepth::`` ops
 (dispatched on the tensors' device) or the pure-PyTorch reference (any device, autograd by PyTorch).
 """
 from __future__ import annotations
@@ -13,16 +13,17 @@ from typing import Callable
 import torch
 
 from stochdepth_kernels import reference
-from stochdepth_kernels.ops import WITH_CUDA, eager_autograd, ops
+from stochdepth_kernels.ops import NATIVE_TRACED, WITH_CUDA, eager_autograd, ops
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
 
 @dataclass(frozen=True)
 class Backend:
-    """``drop_path_add`` and ``drop_path`` with the ops' signatures, in two forms: ``traced``, what
-    torch.compile sees (the registered ``torch.library`` ops), and ``eager``, the same kernels and
-    autograd rules without the dispatcher (:func:`~stochdepth_kernels.ops.eager_autograd`)."""
+    """``drop_path_add`` and ``drop_path`` with the ops' arguments (``drop_path_add`` returns the output
+    alone), in two forms: ``traced``, what torch.compile sees (the registered ``torch.library`` ops),
+    and ``eager``, the same kernels and autograd rules without the dispatcher
+    (:func:`~stochdepth_kernels.ops.eager_autograd`)."""
 
     name: str
     device_types: tuple[str, ...] | None  # None: every device
@@ -43,15 +44,15 @@ class Backend:
 
 
 # The native ops dispatch on the tensors' device: "cpu" and "cuda" are the same ops, two kernels.
-_NATIVE_OPS = (ops.drop_path_add.default, ops.drop_path.default)
-_NATIVE_EAGER = eager_autograd(*_NATIVE_OPS, ops.drop_path_add_relu_backward.default)
+_NATIVE_EAGER = eager_autograd(ops.drop_path_add.default, ops.drop_path.default,
+                               ops.drop_path_add_relu_backward.default)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
 BACKENDS = {
-    "cpu": Backend("cpu", ("cpu",), _NATIVE_OPS, _NATIVE_EAGER),
+    "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER),
     "reference": Backend("reference", None, _REFERENCE, _REFERENCE),
 }
 if WITH_CUDA:
-    BACKENDS["cuda"] = Backend("cuda", ("cuda",), _NATIVE_OPS, _NATIVE_EAGER)
+    BACKENDS["cuda"] = Backend("cuda", ("cuda",), NATIVE_TRACED, _NATIVE_EAGER)
 if importlib.util.find_spec("triton") is not None:
     from stochdepth_kernels import triton_backend
 

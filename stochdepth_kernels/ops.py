@@ -9,6 +9,9 @@ import importlib.util
 from typing import Callable
 
 import torch
+from torch import Tensor
+
+from stochdepth_kernels.relu_mask import relu_mask_bytes
 
 try:
     from stochdepth_kernels import _C  # runs the TORCH_LIBRARY registrations
@@ -38,9 +41,10 @@ importlib.import_module(f"stochdepth_kernels._cpu_{CPU_KERNEL_ISA}")
 
 
 @torch.library.register_fake("stochdepth::drop_path_add")
-def _drop_path_add_fake(x, residual, seed, p, training, mode, scale_by_keep, relu):
+def _drop_path_add_fake(x, residual, seed, p, training, mode, scale_by_keep, relu, save_relu_mask=False):
     torch._check(x.shape == residual.shape, lambda: "x and residual must have the same shape")
-    return torch.empty_like(residual, dtype=torch.result_type(x, residual))
+    out = torch.empty_like(residual, dtype=torch.result_type(x, residual))
+    return out, out.new_empty((relu_mask_bytes(out) if save_relu_mask else 0,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("stochdepth::drop_path")
@@ -49,15 +53,13 @@ def _drop_path_fake(x, seed, p, training, mode, scale_by_keep, out_dtype=None):
 
 
 @torch.library.register_fake("stochdepth::drop_path_add_relu_backward")
-def _relu_backward_fake(grad, out, seed, p, training, mode, scale_by_keep, x_dtype, residual_dtype):
-    torch._check(grad.shape == out.shape, lambda: "grad and out must have the same shape")
-    return torch.empty_like(out, dtype=x_dtype), torch.empty_like(out, dtype=residual_dtype)
+def _relu_backward_fake(grad, relu_mask, seed, p, training, mode, scale_by_keep, x_dtype, residual_dtype):
+    return torch.empty_like(grad, dtype=x_dtype), torch.empty_like(grad, dtype=residual_dtype)
 
 
-def _factor_is_one(seed, ctx) -> bool:
+def _factor_is_one(seed, training: bool, scale_by_keep: bool) -> bool:
     """Every row's factor is 1, so x's gradient needs no kernel: no coin was drawn and either p is
     known to be 0 (training) or kept rows are not rescaled in eval (``scale_by_keep``)."""
-    training, _, scale_by_keep = ctx.coin_args
     return seed is None and (training or scale_by_keep)
 
 
@@ -65,6 +67,14 @@ def _save_coin(ctx, seed, p, training, mode, scale_by_keep, extra=None):
     """Backward regenerates the mask from the seed: nothing of size numel is saved but ``extra``."""
     ctx.save_for_backward(seed, p, extra)
     ctx.coin_args = (training, mode, scale_by_keep)
+    ctx.factor_is_one = _factor_is_one(seed, training, scale_by_keep)
+
+
+def _in_layout(grad: Tensor, stride: tuple) -> Tensor:
+    """``grad`` itself if it has ``stride``, else a copy of it with those strides."""
+    if grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def _autograd_rules(unary, relu_backward):
@@ -73,24 +83,35 @@ def _autograd_rules(unary, relu_backward):
     and ``relu_backward``, both with the ops' signatures."""
 
     def setup_add(ctx, inputs, output):
-        x, residual, seed, p, training, mode, scale_by_keep, relu = inputs
-        _save_coin(ctx, seed, p, training, mode, scale_by_keep, output if relu else None)
+        x, residual, seed, p, training, mode, scale_by_keep, relu, *save = inputs
+        out, relu_mask = output
+        ctx.mark_non_differentiable(relu_mask)
+        ctx.saved_mask = relu and bool(save and save[0])
+        # With ReLU: the sign mask, or where every factor is 1 the output itself (one threshold pass).
+        extra = (relu_mask if ctx.saved_mask else out) if relu else None
+        _save_coin(ctx, seed, p, training, mode, scale_by_keep, extra)
         ctx.relu = relu
         ctx.dtypes = (x.dtype, residual.dtype)
+        ctx.out_stride = out.stride()
 
-    def backward_add(ctx, grad):
-        seed, p, out = ctx.saved_tensors
+    def backward_add(ctx, grad, _relu_mask_grad=None):
+        seed, p, saved = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
-        if ctx.relu and _factor_is_one(seed, ctx):
+        if ctx.relu and ctx.saved_mask:
+            grad_x, grad_residual = relu_backward(_in_layout(grad, ctx.out_stride), saved, seed, p, *ctx.coin_args,
+                                                  x_dtype, residual_dtype)
+        elif ctx.relu:
+            if not ctx.factor_is_one:
+                raise RuntimeError("the ReLU backward of stochdepth drop_path_add needs the forward's sign mask: "
+                                   "call it with save_relu_mask=True when a backward will follow")
             # x's gradient is the residual's: one threshold pass (as eager's relu backward), no kernel.
-            grad_residual = torch.ops.aten.threshold_backward(grad, out, 0)
-            return grad_residual.to(x_dtype), grad_residual.to(residual_dtype), None, None, None, None, None, None
-        if ctx.relu:
-            grad_x, grad_residual = relu_backward(grad, out, seed, p, *ctx.coin_args, x_dtype, residual_dtype)
+            grad_residual = torch.ops.aten.threshold_backward(grad, saved, 0)
+            grad_x = grad_residual
         else:
             grad_residual = grad  # d out / d residual is the identity: no copy
             grad_x = unary_backward(grad, seed, p, ctx, x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_residual, None, None, None, None, None, None
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
+        return grad_x, grad_residual.to(residual_dtype), None, None, None, None, None, None, None
 
     def setup_unary(ctx, inputs, output):
         x, seed, p, training, mode, scale_by_keep, out_dtype = inputs
@@ -103,17 +124,33 @@ def _autograd_rules(unary, relu_backward):
 
     def unary_backward(grad, seed, p, ctx, x_dtype):
         """``factor_b * grad`` in x's dtype: ``grad`` itself where every factor is 1."""
-        return grad.to(x_dtype) if _factor_is_one(seed, ctx) else unary(grad, seed, p, *ctx.coin_args, x_dtype)
+        if ctx.factor_is_one:
+            return grad.to(x_dtype)
+        return unary(grad, seed, p, *ctx.coin_args, x_dtype)
 
     return setup_add, backward_add, setup_unary, backward_unary
 
 
-def register_drop_path_autograd(add_op, unary_op, relu_backward_op) -> None:
+def _asking_for_relu_mask(add) -> Callable:
+    """The backends' ``drop_path_add`` (the ops' arguments, returns the output) over ``add``, an
+    op-signature function returning ``(out, relu_mask)``: it asks for the ReLU sign mask only when
+    autograd records the call and the backward needs the mask (some factor is not 1)."""
+
+    def drop_path_add(x, residual, seed, p, training, mode, scale_by_keep, relu):
+        save = relu and _records_graph(x, residual) and not _factor_is_one(seed, training, scale_by_keep)
+        return add(x, residual, seed, p, training, mode, scale_by_keep, relu, save)[0]
+
+    return drop_path_add
+
+
+def register_drop_path_autograd(add_op, unary_op, relu_backward_op) -> tuple[Callable, Callable]:
     """Autograd for one backend's (drop_path_add, drop_path, drop_path_add_relu_backward) ops, which
-    take the native ops' arguments. The backward of both forward ops runs the backend's own ops."""
+    take the native ops' arguments. The backward of both forward ops runs the backend's own ops.
+    Returns ``(drop_path_add, drop_path)`` over the registered ops, as torch.compile traces them."""
     setup_add, backward_add, setup_unary, backward_unary = _autograd_rules(unary_op, relu_backward_op)
     torch.library.register_autograd(add_op, backward_add, setup_context=setup_add)
     torch.library.register_autograd(unary_op, backward_unary, setup_context=setup_unary)
+    return _asking_for_relu_mask(add_op), unary_op
 
 
 def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, Callable]:
@@ -143,16 +180,15 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
     unary_function = function("DropPathFunction", unary_impl, setup_unary, backward_unary)
 
     def add(x, residual, *args):
-        if _records_graph(x, residual):
-            return add_function.apply(x, residual, *args)
-        return add_impl(x, residual, *args)
+        return add_function.apply(x, residual, *args) if _records_graph(x, residual) else add_impl(x, residual, *args)
 
-    return add, unary
+    return _asking_for_relu_mask(add), unary
 
 
 def _records_graph(*inputs) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
-register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
-                            ops.drop_path_add_relu_backward.default)
+# (drop_path_add, drop_path) of the native backends as torch.compile traces them.
+NATIVE_TRACED = register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
+                                            ops.drop_path_add_relu_backward.default)

@@ -1,13 +1,16 @@
 """The contract of DESIGN.md in pure PyTorch: the ground truth every kernel is checked against and the
 fallback on devices without a native kernel.
 
-The functions below take the same arguments as the ``stochdepth::`` ops, so a backend is a table of
-three callables. Philox4x32-10 runs on int64 tensors holding uint32 words, on any device.
+The functions below take the arguments of the ``stochdepth::`` ops (``drop_path_add`` returns the
+output alone; :func:`stochdepth_kernels.relu_mask.pack` gives its ReLU sign mask). Philox4x32-10
+runs on int64 tensors holding uint32 words, on any device.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from stochdepth_kernels.relu_mask import check_relu_mask, unpack
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -111,14 +114,16 @@ def drop_path(x: Tensor, seed: Tensor | None, p: Tensor, training: bool, mode: s
     return torch.empty_like(x, dtype=out_dtype).copy_(value)
 
 
-def drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Tensor | None, p: Tensor,
+def drop_path_add_relu_backward(grad: Tensor, relu_mask: Tensor, seed: Tensor | None, p: Tensor,
                                 training: bool, mode: str, scale_by_keep: bool,
                                 x_dtype: torch.dtype, residual_dtype: torch.dtype):
-    """``(grad_x, grad_residual)`` of ``relu(residual + factor_b * x)`` given its output."""
-    acc = _accumulate_dtype(out.dtype)
-    factors = row_factors(seed, out.shape[0], p, training, mode, scale_by_keep, acc, out.device)
-    f = _broadcast_rows(factors, out)
-    grad_residual = torch.where(out <= 0, 0.0, grad.to(acc))
+    """``(grad_x, grad_residual)`` of ``relu(residual + factor_b * x)`` given the forward's ReLU
+    sign mask (:mod:`stochdepth_kernels.relu_mask`); ``grad`` is dense in the output's layout."""
+    check_relu_mask(relu_mask, grad)
+    acc = _accumulate_dtype(torch.promote_types(x_dtype, residual_dtype))
+    factors = row_factors(seed, grad.shape[0], p, training, mode, scale_by_keep, acc, grad.device)
+    f = _broadcast_rows(factors, grad)
+    grad_residual = torch.where(unpack(relu_mask, grad), grad.to(acc), 0.0)
     grad_x = torch.where(f == 0, 0.0, f * grad_residual)
-    return (torch.empty_like(out, dtype=x_dtype).copy_(grad_x),
-            torch.empty_like(out, dtype=residual_dtype).copy_(grad_residual))
+    return (torch.empty_like(grad, dtype=x_dtype).copy_(grad_x),
+            torch.empty_like(grad, dtype=residual_dtype).copy_(grad_residual))

@@ -2,7 +2,7 @@
 ``torch.compile(fullgraph=True)`` traces into them.
 
     forward           out  = act(residual + f_b * x)        (residual absent: out = f_b * x)
-    relu backward     g_r  = g * (out > 0),  g_x = f_b * g_r
+    relu backward     g_r  = g * (out > 0),  g_x = f_b * g_r    ((out > 0) from the ReLU sign mask)
 
 ``f_b`` is the factor of batch row ``b`` (DESIGN.md): in training ``tl.rand(seed, b) < float32(1 - p)``
 decides the coin (``b = 0`` in batch mode) and a kept row gets ``1/(1-p)`` (or 1); in eval every row
@@ -15,10 +15,10 @@ Tensors are walked in memory order as "runs" of ``run_length`` elements that sha
 one run, so the row factor is one scalar per program and a dropped row's ``x`` load is predicated
 off entirely. Offsets are int64: tensors past 2**31 elements are fine.
 
-ReLU backward needs ``act'(out)``. It reads the saved output (fp32: 4 B/element of the 16 B/element
-backward) rather than a bit-packed sign mask, which would cut the backward to 12.25 B/element but
-add a numel/8-byte write and allocation to every forward, whether or not a backward follows; in a
-residual network ``out`` stays alive anyway as the next block's saved input.
+ReLU backward needs ``act'(out)``: the forward writes the bit-packed sign mask when a backward will
+follow (byte counts and layout: stochdepth_kernels/relu_mask.py). A program's block starts on a
+multiple of BLOCK in its run, so it owns whole mask bytes: 8 elements' bits are packed by a
+reshape to (BLOCK / 8, 8) and a sum, and unpacked the same way.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from torch._library.triton import set_wrap_triton_enabled  # what triton_op's ea
 from torch.library import triton_op, wrap_triton
 
 from stochdepth_kernels.ops import eager_autograd, register_drop_path_autograd
+from stochdepth_kernels.relu_mask import GROUP, check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuned per row length (the key): short rows want small blocks, long rows large ones. The
@@ -66,24 +67,36 @@ def _row_factor(seed_ptr, p_ptr, row, SAMPLE: tl.constexpr, BATCH_MODE: tl.const
 
 @triton.jit
 def _run_block(run_length, BLOCK: tl.constexpr):
-    """(run index, int64 element offsets, in-range mask) of this program's block."""
+    """(run index, first element of the block in its run, int64 element offsets, in-range mask) of
+    this program's block."""
     blocks_per_run = tl.cdiv(run_length, BLOCK)
     pid = tl.program_id(0).to(tl.int64)
     run = pid // blocks_per_run
-    in_run = (pid - run * blocks_per_run) * BLOCK + tl.arange(0, BLOCK)
-    return run, run * run_length + in_run, in_run < run_length
+    start = (pid - run * blocks_per_run) * BLOCK
+    in_run = start + tl.arange(0, BLOCK)
+    return run, start, run * run_length + in_run, in_run < run_length
+
+
+@triton.jit
+def _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK: tl.constexpr):
+    """Pointers to the block's BLOCK / 8 bytes of the ReLU sign mask and which of them exist."""
+    index = start // 8 + tl.arange(0, BLOCK // 8)
+    return mask_ptr + run * mask_bytes_per_run + index, index < mask_bytes_per_run
 
 
 @triton.autotune(configs=BLOCK_CONFIGS, key=["run_length"])
 @triton.jit
 def _drop_path_add_forward_kernel(
     x_ptr, residual_ptr, out_ptr,      # dense tensors in one layout; residual_ptr unused without HAS_RESIDUAL
+    mask_ptr,                          # uint8 ReLU sign mask, written if SAVE_MASK
     seed_ptr, p_ptr,                   # int64[1] seed (unused unless SAMPLE), 0-d float p, on the device
     batch, run_length,                 # rows; elements per run of one row in memory order
+    mask_bytes_per_run,
     SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    run, offsets, in_range = _run_block(run_length, BLOCK)
+    run, start, offsets, in_range = _run_block(run_length, BLOCK)
     factor = _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC)
     # The scalar is broadcast before the `&` (the interpreter rejects block & scalar bool).
     read_x = in_range & ((tl.zeros([BLOCK], ACC) + factor) != 0.0)
@@ -93,23 +106,32 @@ def _drop_path_add_forward_kernel(
         value += tl.load(residual_ptr + offsets, mask=in_range, other=0.0).to(ACC)
     if RELU:
         value = tl.where(value < 0.0, 0.0, value)  # keeps NaN and -0.0, as torch.relu
-    tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=in_range)
+    stored = value.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, stored, mask=in_range)
+    if SAVE_MASK:
+        # Bits of the stored values, as eager's relu backward reads its output; out of range: 0.
+        passes = tl.where(stored.to(ACC) <= 0.0, 0, 1)
+        bits = tl.reshape(passes, [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
+        pointers, exists = _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK)
+        tl.store(pointers, tl.sum(bits, axis=1).to(tl.uint8), mask=exists)
 
 
 @triton.autotune(configs=BLOCK_CONFIGS, key=["run_length"])
 @triton.jit
 def _relu_backward_kernel(
-    grad_ptr, out_ptr,                 # dense, out's layout and dtype
+    grad_ptr, mask_ptr,                # dense grad in the forward output's layout; its ReLU sign mask
     grad_x_ptr, grad_residual_ptr,     # dense, same layout, x's and residual's dtypes
-    seed_ptr, p_ptr, batch, run_length,
+    seed_ptr, p_ptr, batch, run_length, mask_bytes_per_run,
     SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    run, offsets, in_range = _run_block(run_length, BLOCK)
+    run, start, offsets, in_range = _run_block(run_length, BLOCK)
     factor = _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC)
     grad = tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(ACC)
-    out = tl.load(out_ptr + offsets, mask=in_range, other=0.0).to(ACC)
-    grad_residual = tl.where(out <= 0.0, 0.0, grad)  # threshold_backward: NaN out passes grad
+    pointers, exists = _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK)
+    mask_bytes = tl.load(pointers, mask=exists, other=0).to(tl.int32)
+    passes = tl.reshape((mask_bytes[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK])
+    grad_residual = tl.where(passes != 0, grad, 0.0)
     grad_x = tl.where(factor != 0.0, factor * grad_residual, 0.0)
     tl.store(grad_residual_ptr + offsets, grad_residual.to(grad_residual_ptr.dtype.element_ty), mask=in_range)
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_range)
@@ -126,13 +148,11 @@ def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tenso
     gives the layout, ``compute_dtype`` the arithmetic (float64 for float64, else float32)."""
     if mode not in ("row", "batch"):
         raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
-    batch = out.shape[0]
-    run_length = out.stride(0) if batch > 1 else out.numel()
     p_device = p.to(device=out.device, dtype=torch.float64, non_blocking=True)  # the kernel loads element 0
     sample = training and seed is not None
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
     flags = dict(SAMPLE=sample, BATCH_MODE=mode == "batch", SCALE_BY_KEEP=scale_by_keep, ACC=acc)
-    return (seed if sample else p_device, p_device, batch, run_length), flags
+    return (seed if sample else p_device, p_device, out.shape[0], run_length_of(out)), flags
 
 
 def _grid(numel: int, run_length: int):
@@ -140,16 +160,24 @@ def _grid(numel: int, run_length: int):
     return lambda meta: (runs * triton.cdiv(run_length, meta["BLOCK"]),)
 
 
+def _mask_bytes_per_run(shared: tuple) -> int:
+    return -(-shared[-1] // GROUP)
+
+
 def _drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tensor, training: bool,
-                   mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
+                   mode: str, scale_by_keep: bool, relu: bool, save_relu_mask: bool = False) -> tuple[Tensor, Tensor]:
+    if save_relu_mask and not relu:
+        raise ValueError("save_relu_mask=True needs relu=True, got relu=False")
     out = torch.empty_like(residual, dtype=torch.result_type(x, residual))
+    relu_mask = out.new_empty((relu_mask_bytes(out) if save_relu_mask else 0,), dtype=torch.uint8)
     if out.numel() == 0:
-        return out
+        return out, relu_mask
     shared, flags = _launch_config(out, out.dtype, seed, p, training, mode, scale_by_keep)
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
-        _in_layout_of(x, out), _in_layout_of(residual, out), out, *shared,
-        HAS_RESIDUAL=True, RELU=relu, **flags)
-    return out
+        _in_layout_of(x, out), _in_layout_of(residual, out), out, relu_mask if save_relu_mask else out, *shared,
+        _mask_bytes_per_run(shared),
+        HAS_RESIDUAL=True, RELU=relu, SAVE_MASK=save_relu_mask, **flags)
+    return out, relu_mask
 
 
 def _drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mode: str,
@@ -161,21 +189,22 @@ def _drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mod
                                    scale_by_keep)
     x_dense = _in_layout_of(x, out)
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
-        x_dense, x_dense, out, *shared, HAS_RESIDUAL=False, RELU=False, **flags)
+        x_dense, x_dense, out, out, *shared, 0, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
     return out
 
 
-def _drop_path_add_relu_backward(grad: Tensor, out: Tensor, seed: Optional[Tensor], p: Tensor,
+def _drop_path_add_relu_backward(grad: Tensor, relu_mask: Tensor, seed: Optional[Tensor], p: Tensor,
                                   training: bool, mode: str, scale_by_keep: bool,
                                   x_dtype: torch.dtype, residual_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    grad_x = torch.empty_like(out, dtype=x_dtype)
-    grad_residual = torch.empty_like(out, dtype=residual_dtype)
-    if out.numel() == 0:
+    check_relu_mask(relu_mask, grad)
+    grad_x = torch.empty_like(grad, dtype=x_dtype)
+    grad_residual = torch.empty_like(grad, dtype=residual_dtype)
+    if grad.numel() == 0:
         return grad_x, grad_residual
-    shared, flags = _launch_config(grad_x, out.dtype, seed, p, training, mode, scale_by_keep)
-    wrap_triton(_relu_backward_kernel)[_grid(out.numel(), shared[-1])](
-        _in_layout_of(grad.to(out.dtype), grad_x), _in_layout_of(out, grad_x), grad_x, grad_residual,
-        *shared, **flags)
+    compute_dtype = torch.promote_types(x_dtype, residual_dtype)
+    shared, flags = _launch_config(grad_x, compute_dtype, seed, p, training, mode, scale_by_keep)
+    wrap_triton(_relu_backward_kernel)[_grid(grad.numel(), shared[-1])](
+        grad.to(compute_dtype), relu_mask, grad_x, grad_residual, *shared, _mask_bytes_per_run(shared), **flags)
     return grad_x, grad_residual
 
 
@@ -183,7 +212,7 @@ triton_drop_path_add = triton_op("stochdepth::triton_drop_path_add", mutates_arg
 triton_drop_path = triton_op("stochdepth::triton_drop_path", mutates_args=())(_drop_path)
 triton_drop_path_add_relu_backward = triton_op("stochdepth::triton_drop_path_add_relu_backward",
                                                mutates_args=())(_drop_path_add_relu_backward)
-register_drop_path_autograd(triton_drop_path_add, triton_drop_path, triton_drop_path_add_relu_backward)
+TRACED = register_drop_path_autograd(triton_drop_path_add, triton_drop_path, triton_drop_path_add_relu_backward)
 
 
 def _launching_directly(fn):
@@ -198,5 +227,4 @@ def _launching_directly(fn):
     return run
 
 
-TRACED = (triton_drop_path_add, triton_drop_path)
 EAGER = eager_autograd(*map(_launching_directly, (_drop_path_add, _drop_path, _drop_path_add_relu_backward)))

@@ -16,6 +16,7 @@ thread_local SimulatedIndex blockIdx, threadIdx, gridDim;
 #include <torch/library.h>
 
 #include "cuda/drop_path_kernel.cuh"
+#include "op_schemas.h"
 
 namespace {
 
@@ -39,9 +40,11 @@ struct SequentialLauncher {
   }
 };
 
-Tensor drop_path_add(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed, const Tensor& p,
-                     bool training, c10::string_view mode, bool scale_by_keep, bool relu) {
-  return drop_path_add_with(SequentialLauncher{}, x, residual, seed, p, training, mode, scale_by_keep, relu);
+std::tuple<Tensor, Tensor> drop_path_add(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
+                                         const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep,
+                                         bool relu, bool save_relu_mask) {
+  return drop_path_add_with(SequentialLauncher{}, x, residual, seed, p, training, mode, scale_by_keep, relu,
+                            save_relu_mask);
 }
 
 Tensor drop_path(const Tensor& x, const std::optional<Tensor>& seed, const Tensor& p, bool training,
@@ -49,18 +52,25 @@ Tensor drop_path(const Tensor& x, const std::optional<Tensor>& seed, const Tenso
   return drop_path_with(SequentialLauncher{}, x, seed, p, training, mode, scale_by_keep, out_dtype);
 }
 
-std::tuple<Tensor, Tensor> drop_path_add_relu_backward(const Tensor& grad, const Tensor& out,
+std::tuple<Tensor, Tensor> drop_path_add_relu_backward(const Tensor& grad, const Tensor& relu_mask,
                                                        const std::optional<Tensor>& seed, const Tensor& p,
                                                        bool training, c10::string_view mode, bool scale_by_keep,
                                                        at::ScalarType x_dtype, at::ScalarType residual_dtype) {
-  return drop_path_add_relu_backward_with(SequentialLauncher{}, grad, out, seed, p, training, mode, scale_by_keep,
-                                          x_dtype, residual_dtype);
+  return drop_path_add_relu_backward_with(SequentialLauncher{}, grad, relu_mask, seed, p, training, mode,
+                                          scale_by_keep, x_dtype, residual_dtype);
 }
 
 }  // namespace
 
+// The stochdepth:: schemas under another namespace, implemented by the simulated kernels.
 TORCH_LIBRARY(stochdepth_cuda_on_cpu, m) {
-  m.def("drop_path_add", torch::dispatch(c10::DispatchKey::CPU, &drop_path_add));
-  m.def("drop_path", torch::dispatch(c10::DispatchKey::CPU, &drop_path));
-  m.def("drop_path_add_relu_backward", torch::dispatch(c10::DispatchKey::CPU, &drop_path_add_relu_backward));
+  m.def(stochdepth::kDropPathAddSchema);
+  m.def(stochdepth::kDropPathSchema);
+  m.def(stochdepth::kReluBackwardSchema);
+}
+
+TORCH_LIBRARY_IMPL(stochdepth_cuda_on_cpu, CPU, m) {
+  m.impl("drop_path_add", &drop_path_add);
+  m.impl("drop_path", &drop_path);
+  m.impl("drop_path_add_relu_backward", &drop_path_add_relu_backward);
 }

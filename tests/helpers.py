@@ -75,6 +75,24 @@ def with_reference(backend: str, fn, *args, **kwargs):
     return fn(*args, backend=backend, **kwargs), fn(*args, backend="reference", **kwargs)
 
 
+def registered_ops(backend: str) -> tuple:
+    """``(drop_path_add, drop_path, drop_path_add_relu_backward)`` of ``backend`` as registered
+    torch.library ops (``drop_path_add`` returns ``(out, relu_mask)``)."""
+    if backend == "triton":
+        from stochdepth_kernels import triton_backend as t
+
+        return t.triton_drop_path_add, t.triton_drop_path, t.triton_drop_path_add_relu_backward
+    if backend in ("cpu", "cuda"):
+        namespace = torch.ops.stochdepth
+    else:
+        import simulated_cuda
+
+        assert backend == simulated_cuda.NAME, backend
+        simulated_cuda.backend()  # builds and registers the simulated ops
+        namespace = torch.ops.stochdepth_cuda_on_cpu
+    return namespace.drop_path_add.default, namespace.drop_path.default, namespace.drop_path_add_relu_backward.default
+
+
 def small_resnet(method: str = "sample") -> torch.nn.Module:
     """torchvision's ResNet-18 (4 classes), the same weights on every call (``torch.manual_seed(0)``),
     given stochastic depth at rate 0.5 by surgery with ``method``."""

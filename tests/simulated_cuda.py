@@ -22,5 +22,4 @@ def backend() -> Backend:
                        build_directory=tempfile.mkdtemp(prefix="cuda_kernel_on_cpu_"))
     ops = torch.ops.stochdepth_cuda_on_cpu
     registered = (ops.drop_path_add.default, ops.drop_path.default, ops.drop_path_add_relu_backward.default)
-    register_drop_path_autograd(*registered)
-    return Backend(NAME, ("cpu",), registered[:2], eager_autograd(*registered))
+    return Backend(NAME, ("cpu",), register_drop_path_autograd(*registered), eager_autograd(*registered))

@@ -39,13 +39,13 @@ def test_grid_narrows_to_the_chosen_tensors_dtypes_and_probabilities():
         ("Swin-T stage 1", (256, 56, 56, 96), "bfloat16", 0.5, "none")]
 
 
-@pytest.mark.parametrize("activation, backward", [("relu", 4.0), ("none", 1.75)])
-def test_minimal_bytes_follow_the_design_floor(activation, backward):
-    case = Case("t", (4, MIB // 16), "float32", 0.25, activation)  # a 1 MiB tensor
+@pytest.mark.parametrize("activation, backward, sign_bits", [("relu", 3 + 1 / 32, 1 / 32), ("none", 1.75, 0.0)])
+def test_minimal_bytes_follow_the_design_floor(activation, backward, sign_bits):
+    case = Case("t", (4, MIB // 16), "float32", 0.25, activation)  # a 1 MiB tensor: 1/32 MiB of sign bits
     assert case.tensor_bytes == MIB
     assert minimal_bytes("forward", case) == 2.75 * MIB  # keep*|x| + |r| + |out|
-    assert minimal_bytes("backward", case) == backward * MIB  # ReLU: g, out, g_r, g_x; none: keep*|g| + |g_x|
-    assert minimal_bytes("forward+backward", case) == (2.75 + backward) * MIB
+    assert minimal_bytes("backward", case) == backward * MIB  # ReLU: g, bits, g_r, g_x; none: keep*|g| + |g_x|
+    assert minimal_bytes("forward+backward", case) == (2.75 + sign_bits + backward) * MIB
 
 
 def test_rotating_buffers_span_twice_the_cache():

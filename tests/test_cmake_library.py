@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_matches, random_tensor
-from stochdepth_kernels import reference
+from stochdepth_kernels import reference, relu_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,9 @@ import sys, torch
 library, inputs, output = sys.argv[1:]
 torch.ops.load_library(library)
 x, residual, seed, p = torch.load(inputs)
-out = torch.ops.stochdepth.drop_path_add(x, residual, seed, p, True, "row", True, True)
+out, mask = torch.ops.stochdepth.drop_path_add(x, residual, seed, p, True, "row", True, True, True)
 with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("stochdepth::drop_path_add", "CUDA")
-torch.save((out, with_cuda), output)
+torch.save((out, mask, with_cuda), output)
 """
 
 
@@ -50,7 +50,8 @@ def test_cmake_library_loads_and_matches_reference(tmp_path):
     env = {**os.environ, "PYTHONPATH": ""}
     run([sys.executable, "-c", LOAD_AND_RUN, str(library), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
         env=env, cwd=tmp_path)
-    out, with_cuda = torch.load(tmp_path / "out.pt")
+    out, mask, with_cuda = torch.load(tmp_path / "out.pt")
     assert_matches(out, reference.drop_path_add(x, residual, seed, p, True, "row", True, True))
+    assert torch.equal(mask, relu_mask.pack(out))
     nvcc = Path(os.environ.get("CUDA_HOME", "/nonexistent")) / "bin" / "nvcc"
     assert with_cuda == (nvcc.exists() and torch.version.cuda is not None), "CUDA kernels built iff nvcc was found"

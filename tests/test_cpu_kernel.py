@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import DTYPES, assert_matches, random_tensor, with_reference
-from stochdepth_kernels import drop_path, fused_drop_path_add
+from stochdepth_kernels import drop_path, fused_drop_path_add, relu_mask
 from stochdepth_kernels.ops import ops
 
 SHAPE = (7, 3, 5, 6)  # odd sizes: no row is a multiple of a vector width
@@ -26,6 +26,10 @@ def test_many_rows_across_threads_match_reference():
     one_sample = random_tensor((1, 70001)), random_tensor((1, 70001))  # one row split across threads
     out, expected = with_reference("cpu", fused_drop_path_add, *one_sample, 0.5, seed=3)
     assert_matches(out, expected, exact=True)
+    seed, p = torch.tensor([3]), torch.tensor(0.5, dtype=torch.float64)
+    for pair in ((x, residual), one_sample):  # threads split runs at whole mask bytes
+        out, mask = ops.drop_path_add(*pair, seed, p, True, "row", True, True, True)
+        assert torch.equal(mask, relu_mask.pack(out))
 
 
 def test_mixed_dtype_gradients_have_input_dtypes():
@@ -60,12 +64,18 @@ def _coin(training=True, p=0.5):
                                     (torch.float64, torch.float64)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("relu", [False, True])
-def test_opcheck_drop_path_add(dtypes, layout, training, relu):
+@pytest.mark.parametrize("relu, save_relu_mask", [(False, False), (True, True)])
+def test_opcheck_drop_path_add(dtypes, layout, training, relu, save_relu_mask):
     x = random_tensor(SHAPE, dtypes[0], layout).requires_grad_()
     residual = random_tensor(SHAPE, dtypes[1], layout).requires_grad_()
     seed, p = _coin(training)
-    torch.library.opcheck(ops.drop_path_add.default, (x, residual, seed, p, training, "row", True, relu))
+    torch.library.opcheck(ops.drop_path_add.default, (x, residual, seed, p, training, "row", True, relu, save_relu_mask))
+
+
+def test_opcheck_drop_path_add_relu_in_eval_without_mask():
+    """Where every factor is 1 the ReLU backward needs no mask: one threshold pass over the output."""
+    x, residual = random_tensor(SHAPE).requires_grad_(), random_tensor(SHAPE).requires_grad_()
+    torch.library.opcheck(ops.drop_path_add.default, (x, residual, None, *_coin(False)[1:], False, "row", True, True))
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.bfloat16])
@@ -78,12 +88,11 @@ def test_opcheck_drop_path(out_dtype, mode):
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_opcheck_relu_backward(dtypes):
-    out = torch.relu(random_tensor(SHAPE, torch.result_type(torch.empty(0, dtype=dtypes[0]),
-                                                            torch.empty(0, dtype=dtypes[1]))))
-    grad = random_tensor(SHAPE, out.dtype)
+    mask = relu_mask.pack(random_tensor(SHAPE, layout="channels_last"))
+    grad = random_tensor(SHAPE, torch.promote_types(*dtypes), "channels_last")
     seed, p = _coin()
     torch.library.opcheck(ops.drop_path_add_relu_backward.default,
-                          (grad, out, seed, p, True, "row", True, dtypes[0], dtypes[1]))
+                          (grad, mask, seed, p, True, "row", True, dtypes[0], dtypes[1]))
 
 
 def test_compiles_without_graph_break():
@@ -131,11 +140,13 @@ for dtype in DTYPES:
         for activation in (None, "relu"):
             assert_matches(*with_reference("cpu", fused_drop_path_add, x, r, 0.5, seed=9, activation=activation))
         assert_matches(*with_reference("cpu", drop_path, x, 0.5, seed=9), exact=True)
-        grad, out = random_tensor(x.shape, dtype), torch.relu(r)
         seed, p = torch.tensor([9]), torch.tensor(0.5, dtype=torch.float64)
-        from stochdepth_kernels import reference
-        for got, want in zip(torch.ops.stochdepth.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype),
-                             reference.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype)):
+        from stochdepth_kernels import reference, relu_mask
+        out, mask = torch.ops.stochdepth.drop_path_add(x, r, seed, p, True, "row", True, True, True)
+        assert torch.equal(mask, relu_mask.pack(out))
+        grad = torch.empty_like(out).copy_(random_tensor(x.shape, dtype))
+        for got, want in zip(torch.ops.stochdepth.drop_path_add_relu_backward(grad, mask, seed, p, True, "row", True, dtype, dtype),
+                             reference.drop_path_add_relu_backward(grad, mask, seed, p, True, "row", True, dtype, dtype)):
             assert_matches(got, want)
 """
 

@@ -15,8 +15,8 @@ import torch
 from torch.utils import cpp_extension
 
 import simulated_cuda
-from helpers import assert_matches, kept_rows, random_tensor, with_reference
-from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, ops, reference
+from helpers import assert_matches, kept_rows, random_tensor, registered_ops, with_reference
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, ops, reference, relu_mask
 from stochdepth_kernels.backends import BACKENDS
 from stochdepth_kernels.seeding import draw_seed
 
@@ -74,12 +74,13 @@ def test_every_pack_path_matches_reference(cuda_kernel, shape, offset, dtype):
         assert_matches(out, expected)
     out, expected = with_reference(backend, drop_path, x, 0.5, seed=4)
     assert_matches(out, expected, exact=True)
-    grad = offset_view(shape, dtype, offset, device)
-    out = torch.relu(offset_view(shape, dtype, 0, device))
+    add, _, relu_backward = registered_ops(backend)
     seed, p = torch.tensor([4], device=device), torch.tensor(0.5, dtype=torch.float64, device=device)
-    registered = torch.ops.stochdepth_cuda_on_cpu if backend == simulated_cuda.NAME else native
-    for got, want in zip(registered.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype),
-                         reference.drop_path_add_relu_backward(grad, out, seed, p, True, "row", True, dtype, dtype)):
+    out, mask = add(x, residual, seed, p, True, "row", True, True, True)
+    assert torch.equal(mask, relu_mask.pack(out))
+    grad = offset_view(shape, dtype, offset, device)
+    for got, want in zip(relu_backward(grad, mask, seed, p, True, "row", True, dtype, dtype),
+                         reference.drop_path_add_relu_backward(grad, mask, seed, p, True, "row", True, dtype, dtype)):
         assert_matches(got, want)
 
 
@@ -121,8 +122,9 @@ def test_native_op_rejects_inputs_on_two_devices(cuda_backend):
     x, seed, p = torch.randn(4, 3, device="cuda"), torch.tensor([1]), torch.tensor(0.5, dtype=torch.float64)
     with pytest.raises(ValueError, match="x and residual must be on the same device, got cuda:0 and cpu"):
         native.drop_path_add(x, torch.randn(4, 3), seed, p, True, "row", True, False)
-    with pytest.raises(ValueError, match="out and grad must be on the same device, got cuda:0 and cpu"):
-        native.drop_path_add_relu_backward(torch.randn(4, 3), x, seed, p, True, "row", True, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="relu_mask and grad must be on the same device, got cpu and cuda:0"):
+        native.drop_path_add_relu_backward(x, torch.zeros(4, dtype=torch.uint8), seed, p, True, "row", True,
+                                           torch.float32, torch.float32)
     with pytest.raises(ValueError, match="p must be in \\[0, 1\\], got 1.500000"):
         native.drop_path(x, seed, torch.tensor(1.5), True, "row", True)
     with pytest.raises(ValueError, match="seed must be a 1-element int64 tensor, got Int tensor of shape \\[1\\]"):

@@ -4,21 +4,11 @@ replayed with fresh masks, and int64 indexing."""
 import pytest
 import torch
 
-from helpers import assert_matches, kept_rows, random_tensor
-from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+from helpers import assert_matches, kept_rows, random_tensor, registered_ops
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, relu_mask
 from stochdepth_kernels.seeding import draw_seed
 
 pytestmark = pytest.mark.cuda
-
-
-def registered_ops(backend):
-    """(drop_path_add, drop_path, drop_path_add_relu_backward) as registered torch.library ops."""
-    if backend == "triton":
-        from stochdepth_kernels import triton_backend as t
-
-        return t.triton_drop_path_add, t.triton_drop_path, t.triton_drop_path_add_relu_backward
-    native = torch.ops.stochdepth
-    return native.drop_path_add.default, native.drop_path.default, native.drop_path_add_relu_backward.default
 
 
 @pytest.fixture(params=["triton", "cuda"])
@@ -34,11 +24,11 @@ def test_opcheck_and_compile(backend):
     residual = random_tensor((8, 16, 9, 9), torch.bfloat16, device="cuda").requires_grad_()
     seed = torch.tensor([5], device="cuda")
     p = torch.tensor(0.3, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(add, (x, residual, seed, p, True, "row", True, True))
+    torch.library.opcheck(add, (x, residual, seed, p, True, "row", True, True, True))
     torch.library.opcheck(unary, (x, seed, p, True, "batch", False, None))
-    out = torch.relu(random_tensor((8, 16, 9, 9), device="cuda"))
-    torch.library.opcheck(relu_backward, (random_tensor((8, 16, 9, 9), device="cuda"), out, seed, p, True, "row", True,
-                                          torch.float32, torch.float32))
+    mask = relu_mask.pack(torch.relu(random_tensor((8, 16, 9, 9), device="cuda")))
+    torch.library.opcheck(relu_backward, (random_tensor((8, 16, 9, 9), device="cuda"), mask, seed, p, True, "row",
+                                          True, torch.float32, torch.float32))
 
     @torch.compile(fullgraph=True)
     def block(x, residual, p):

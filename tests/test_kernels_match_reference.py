@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import simulated_cuda
-from helpers import DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor, with_reference
-from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
+from helpers import (DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor, registered_ops,
+                     with_reference)
+from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, reference, relu_mask
 from stochdepth_kernels.backends import BACKENDS
 
 KERNELS = [
@@ -99,6 +100,30 @@ def test_gradients_match_reference(kernel, dtype, layout, p, training, activatio
     (gx, gr), (ex, er) = grads
     assert_matches(gx, ex, "grad_x")
     assert_matches(gr, er, "grad_residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_mask_is_the_outputs_and_its_backward_matches_reference(kernel, dtype, layout, training):
+    """The ReLU sign mask a forward saves is its own output's (relu_mask.pack: NaN passes, zeros do
+    not), bit for bit, and the backward from it equals the reference's from the same mask."""
+    skip_slow_on_interpreter(kernel, layout)
+    add, _, relu_backward = registered_ops(kernel[0])
+    x, residual = (random_tensor(shape_for(kernel), dtype, layout, device=kernel[1]) for _ in range(2))
+    residual.masked_fill_(torch.arange(residual.numel(), device=kernel[1]).reshape(residual.shape) % 7 == 0, float("nan"))
+    seed = torch.tensor([12], device=kernel[1])
+    p = torch.tensor(0.5, dtype=torch.float64, device=kernel[1])
+    out, mask = add(x, residual, seed, p, training, "row", True, True, True)
+    assert_matches(out, reference.drop_path_add(x, residual, seed, p, training, "row", True, True))
+    assert torch.equal(mask, relu_mask.pack(out))
+    grad = torch.empty_like(out).copy_(random_tensor(out.shape, out.dtype, device=kernel[1]))
+    for name, got, want in zip(("grad_x", "grad_residual"), relu_backward(grad, mask, seed, p, training, "row", True,
+                                                                          dtype, dtype),
+                               reference.drop_path_add_relu_backward(grad, mask, seed, p, training, "row", True,
+                                                                     dtype, dtype)):
+        assert_matches(got, want, name)
+        assert got.stride() == out.stride()
 
 
 def test_unary_gradient_matches_reference(kernel):

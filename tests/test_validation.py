@@ -111,5 +111,16 @@ def test_native_op_rejects_bad_arguments_directly():
         ops.drop_path_add(X, torch.randn(3, 4), seed, p, True, "row", True, False)
     with pytest.raises(ValueError, match="x must have a batch dimension, got a 0-d tensor"):
         ops.drop_path(torch.tensor(1.0), seed, p, True, "row", True)
-    with pytest.raises(ValueError, match=re.escape("out and grad must have the same shape, got [4] and [4, 3]")):
+    with pytest.raises(ValueError, match="save_relu_mask=True needs relu=True, got relu=False"):
+        ops.drop_path_add(X, R, seed, p, True, "row", True, False, True)
+    with pytest.raises(ValueError, match=re.escape("relu_mask must be the forward's uint8 mask of 4 bytes for grad of "
+                                                   "shape [4, 3], got Float tensor of shape [4]")):
         ops.drop_path_add_relu_backward(X, torch.randn(4), seed, p, True, "row", True, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=re.escape("relu_mask must be the forward's uint8 mask of 4 bytes for grad of "
+                                                   "shape [4, 3], got Byte tensor of shape [3]")):
+        ops.drop_path_add_relu_backward(X, torch.zeros(3, dtype=torch.uint8), seed, p, True, "row", True,
+                                        torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=re.escape("grad must be dense, in the forward output's layout, got strides "
+                                                   "[6, 2]")):
+        ops.drop_path_add_relu_backward(torch.randn(4, 6)[:, ::2], torch.zeros(4, dtype=torch.uint8), seed, p, True,
+                                        "row", True, torch.float32, torch.float32)

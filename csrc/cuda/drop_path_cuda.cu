@@ -42,11 +42,13 @@ struct GpuLauncher {
   }
 };
 
-Tensor drop_path_add_cuda(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
-                          const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep, bool relu) {
+std::tuple<Tensor, Tensor> drop_path_add_cuda(const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
+                                              const Tensor& p, bool training, c10::string_view mode,
+                                              bool scale_by_keep, bool relu, bool save_relu_mask) {
   check_same_device(x, "x", residual, "residual");  // before the guard, which takes CUDA devices only
   const c10::cuda::CUDAGuard guard(residual.device());
-  return drop_path_add_with(GpuLauncher{}, x, residual, seed, p, training, mode, scale_by_keep, relu);
+  return drop_path_add_with(GpuLauncher{}, x, residual, seed, p, training, mode, scale_by_keep, relu,
+                            save_relu_mask);
 }
 
 Tensor drop_path_cuda(const Tensor& x, const std::optional<Tensor>& seed, const Tensor& p, bool training,
@@ -56,11 +58,11 @@ Tensor drop_path_cuda(const Tensor& x, const std::optional<Tensor>& seed, const 
 }
 
 std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cuda(
-    const Tensor& grad, const Tensor& out, const std::optional<Tensor>& seed, const Tensor& p, bool training,
+    const Tensor& grad, const Tensor& relu_mask, const std::optional<Tensor>& seed, const Tensor& p, bool training,
     c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
-  check_same_device(out, "out", grad, "grad");
-  const c10::cuda::CUDAGuard guard(out.device());
-  return drop_path_add_relu_backward_with(GpuLauncher{}, grad, out, seed, p, training, mode, scale_by_keep,
+  check_same_device(relu_mask, "relu_mask", grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return drop_path_add_relu_backward_with(GpuLauncher{}, grad, relu_mask, seed, p, training, mode, scale_by_keep,
                                           x_dtype, residual_dtype);
 }
 

@@ -10,6 +10,9 @@
 // N elements moved as one 16-byte access (N = 16 / the widest dtype of the call) when every pointer
 // is aligned and runs are whole packs; otherwise element by element. Runs shorter than a block's
 // packs (batch-innermost layouts) are walked element by element, each with its own row's factor.
+// An op that writes or reads the ReLU sign mask (op_common.h) hands each thread units of 8
+// consecutive elements (8 / N packs back to back), so a thread owns whole mask bytes: no atomics,
+// no shuffles. Other ops' units are single packs, thread t taking packs t, t + kThreads, ...
 //
 // The seed and p are read in the kernel from device memory: no host synchronisation, one compiled
 // kernel for every p, and a CUDA graph replay reads whatever seed its captured randint just drew.
@@ -85,21 +88,71 @@ struct Coin {
   bool scale_by_keep;
 };
 
+// Packs a thread handles back to back: one mask byte's worth for an op that uses the mask, else 1.
+template <int N, typename Op>
+constexpr int unit_packs() {
+  static_assert(!Op::kUsesMask || kMaskGroup % N == 0, "a mask op's unit is one mask byte");
+  return Op::kUsesMask ? static_cast<int>(kMaskGroup) / N : 1;
+}
+
 // How the output's memory splits into runs and chunks (host-computed, one per launch).
 struct Geometry {
   int64_t numel;
   int64_t batch;
   int64_t run_length;        // elements per run of one row in memory order
+  int64_t mask_bytes_per_run;
   int64_t chunks_per_run;
   int64_t chunks;
   int64_t chunks_per_block;
-  bool element_mode;         // runs too short for chunks: element by element
+  bool element_mode;         // runs too short for chunks: a unit per thread, element by element
+  int64_t units_per_run;     // element mode
+  int64_t units;             // element mode
 };
+
+// One thread's unit: the packs it loaded and the mask bits it read (bit k: element k of the unit).
+template <int N, int kUnit, typename Op>
+struct Unit {
+  typename Op::template Loaded<N> packs[kUnit];
+  uint32_t mask_bits;
+};
+
+// Loads the unit starting `first` elements into the run that starts at `run_base`.
+template <int N, int kUnit, typename Op, typename acc_t>
+__device__ __forceinline__ void load_unit(const Op& op, Unit<N, kUnit, Op>& unit, acc_t factor, const Geometry& g,
+                                          int64_t run, int64_t first, bool vectorized) {
+  if constexpr (Op::kReadsMask) unit.mask_bits = op.relu_mask[run * g.mask_bytes_per_run + first / kMaskGroup];
+#pragma unroll
+  for (int q = 0; q < kUnit; ++q) {
+    const int64_t i = first + q * N;
+    if (i < g.run_length) {
+      unit.packs[q] = op.template load<N>(factor, run * g.run_length + i, g.run_length - i, vectorized);
+    }
+  }
+}
+
+template <int N, int kUnit, typename Op, typename acc_t>
+__device__ __forceinline__ void store_unit(const Op& op, const Unit<N, kUnit, Op>& unit, acc_t factor,
+                                           const Geometry& g, int64_t run, int64_t first, bool vectorized) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int q = 0; q < kUnit; ++q) {
+    const int64_t i = first + q * N;
+    if (i < g.run_length) {
+      const uint32_t in_bits = Op::kReadsMask ? unit.mask_bits >> (q * N) : 0u;
+      bits |= op.template store<N>(factor, unit.packs[q], run * g.run_length + i, g.run_length - i, vectorized,
+                                   in_bits) << (q * N);
+    }
+  }
+  if constexpr (Op::kWritesMask) {
+    op.relu_mask[run * g.mask_bytes_per_run + first / kMaskGroup] = static_cast<uint8_t>(bits);
+  }
+}
 
 // Runs `op` over this block's share of the tensor, a pack at a time: op.load<N>(factor, offset,
 // valid, vectorized) reads the pack at `offset` (`valid` elements of its run left from there) and
-// op.store<N>(factor, loaded, ...) writes its results. A thread loads all kUnroll packs of a chunk
-// before storing any, so its loads are in flight together.
+// op.store<N>(factor, loaded, ..., mask_bits) writes its results and returns its mask bits. A thread
+// loads all its units of a chunk (kUnroll packs) before storing any, so its loads are in flight
+// together.
 template <int N, typename Op>
 __device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, const Geometry& g, bool vectorized) {
   using acc_t = typename Op::acc_t;
@@ -107,34 +160,38 @@ __device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, co
       *coin.p, coin.training && coin.seed != nullptr, coin.batch_mode, coin.scale_by_keep);
   const uint64_t seed = params.sample ? static_cast<uint64_t>(*coin.seed) : 0u;
   if (g.element_mode) {
+    constexpr int kUnit = unit_packs<1, Op>();
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < g.numel; i += stride) {
-      const acc_t factor = row_factor<acc_t>(params, seed, (i / g.run_length) % g.batch);
-      op.template store<1>(factor, op.template load<1>(factor, i, 1, false), i, 1, false);
+    for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < g.units; u += stride) {
+      const int64_t run = u / g.units_per_run;
+      const int64_t first = (u - run * g.units_per_run) * kUnit;
+      const acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
+      Unit<1, kUnit, Op> unit{};
+      load_unit(op, unit, factor, g, run, first, false);
+      store_unit(op, unit, factor, g, run, first, false);
     }
     return;
   }
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.chunks_per_block;
-  const int64_t last = first + g.chunks_per_block < g.chunks ? first + g.chunks_per_block : g.chunks;
-  if (first >= last) return;
-  int64_t run = first / g.chunks_per_run;
-  int64_t chunk_in_run = first - run * g.chunks_per_run;
+  constexpr int kUnit = unit_packs<N, Op>();
+  constexpr int kUnits = kUnroll / kUnit > 0 ? kUnroll / kUnit : 1;
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnits * kUnit * N;
+  const int64_t first_chunk = static_cast<int64_t>(blockIdx.x) * g.chunks_per_block;
+  const int64_t last = first_chunk + g.chunks_per_block < g.chunks ? first_chunk + g.chunks_per_block : g.chunks;
+  if (first_chunk >= last) return;
+  int64_t run = first_chunk / g.chunks_per_run;
+  int64_t chunk_in_run = first_chunk - run * g.chunks_per_run;
   acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
-  for (int64_t chunk = first; chunk < last; ++chunk) {
-    const int64_t start = chunk_in_run * kChunk;
-    const int64_t base = run * g.run_length + start;
-    const int64_t remaining = g.run_length - start;
-    typename Op::template Loaded<N> loaded[kUnroll];
+  for (int64_t chunk = first_chunk; chunk < last; ++chunk) {
+    Unit<N, kUnit, Op> units[kUnits];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
-      if (i < remaining) loaded[u] = op.template load<N>(factor, base + i, remaining - i, vectorized);
+    for (int u = 0; u < kUnits; ++u) {
+      const int64_t first = chunk_in_run * kChunk + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * kUnit * N;
+      if (first < g.run_length) load_unit(op, units[u], factor, g, run, first, vectorized);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = (static_cast<int64_t>(u) * kThreads + threadIdx.x) * N;
-      if (i < remaining) op.template store<N>(factor, loaded[u], base + i, remaining - i, vectorized);
+    for (int u = 0; u < kUnits; ++u) {
+      const int64_t first = chunk_in_run * kChunk + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * kUnit * N;
+      if (first < g.run_length) store_unit(op, units[u], factor, g, run, first, vectorized);
     }
     if (++chunk_in_run == g.chunks_per_run && chunk + 1 < last) {
       chunk_in_run = 0;
@@ -150,12 +207,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   for_each_pack<N>(op, coin, geometry, vectorized);
 }
 
-// With a residual: out = act(residual + factor * x), a dropped row reading only the residual.
+// With a residual: out = act(residual + factor * x), a dropped row reading only the residual; with
+// kSaveMask (relu only) it also writes the ReLU sign mask.
 // Without (kResidual false, r_t unused): out = factor * x, a dropped row writing zeros unread.
-template <typename x_t, typename r_t, typename out_t, bool kResidual>
+template <typename x_t, typename r_t, typename out_t, bool kResidual, bool kSaveMask = false>
 struct DropPathOp {
   using acc_t = at::opmath_type<promoted_t<x_t, out_t>>;
   static constexpr int kPack = kResidual ? pack_width<x_t, r_t, out_t>() : pack_width<x_t, out_t>();
+  static constexpr bool kReadsMask = false;
+  static constexpr bool kWritesMask = kSaveMask;
+  static constexpr bool kUsesMask = kSaveMask;
   template <int N>
   struct Loaded {
     Pack<x_t, N> x;
@@ -165,6 +226,7 @@ struct DropPathOp {
   const r_t* residual;
   out_t* out;
   bool relu;
+  uint8_t* relu_mask;  // kSaveMask only
 
   template <int N>
   __device__ __forceinline__ Loaded<N> load(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
@@ -174,10 +236,13 @@ struct DropPathOp {
     return loaded;
   }
 
+  // Returns the pack's mask bits (kSaveMask), read back from the stored dtype as the eager relu
+  // backward reads its output; elements past `valid` are zeros, so their bits are 0.
   template <int N>
-  __device__ __forceinline__ void store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
-                                        bool vectorized) const {
+  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
+                                            bool vectorized, uint32_t) const {
     Pack<out_t, N> result;
+    uint32_t bits = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const acc_t x_k = static_cast<acc_t>(in.x.v[k]);
@@ -188,8 +253,10 @@ struct DropPathOp {
       } else {
         result.v[k] = static_cast<out_t>(factor == acc_t(0) ? acc_t(0) : factor * x_k);
       }
+      if constexpr (kSaveMask) bits |= static_cast<uint32_t>(relu_passes(static_cast<acc_t>(result.v[k]))) << k;
     }
     store_pack<N>(out + offset, result, valid, vectorized);
+    return bits;
   }
 
   bool aligned() const {
@@ -198,44 +265,47 @@ struct DropPathOp {
   }
 };
 
-// grad_residual = grad * relu'(out), grad_x = factor * grad_residual (exactly 0 in a dropped row).
+// grad_residual = grad where the mask bit is set (relu passed), else 0; grad_x = factor *
+// grad_residual (exactly 0 in a dropped row).
 template <typename g_t, typename gx_t, typename gr_t>
 struct ReluBackwardOp {
   using acc_t = at::opmath_type<g_t>;
   static constexpr int kPack = pack_width<g_t, gx_t, gr_t>();
+  static constexpr bool kReadsMask = true;
+  static constexpr bool kWritesMask = false;
+  static constexpr bool kUsesMask = true;
   template <int N>
   struct Loaded {
     Pack<g_t, N> grad;
-    Pack<g_t, N> out;
   };
   const g_t* grad;
-  const g_t* out;
+  const uint8_t* relu_mask;
   gx_t* grad_x;
   gr_t* grad_residual;
 
   template <int N>
   __device__ __forceinline__ Loaded<N> load(acc_t, int64_t offset, int64_t valid, bool vectorized) const {
-    return Loaded<N>{load_pack<N>(grad + offset, valid, vectorized), load_pack<N>(out + offset, valid, vectorized)};
+    return Loaded<N>{load_pack<N>(grad + offset, valid, vectorized)};
   }
 
   template <int N>
-  __device__ __forceinline__ void store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
-                                        bool vectorized) const {
+  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
+                                            bool vectorized, uint32_t mask_bits) const {
     Pack<gx_t, N> gx;
     Pack<gr_t, N> gr;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const acc_t value = relu_backward_element(static_cast<acc_t>(in.grad.v[k]), static_cast<acc_t>(in.out.v[k]));
+      const acc_t value = relu_backward_element(static_cast<acc_t>(in.grad.v[k]), ((mask_bits >> k) & 1u) != 0u);
       gr.v[k] = static_cast<gr_t>(value);
       gx.v[k] = static_cast<gx_t>(factor == acc_t(0) ? acc_t(0) : factor * value);
     }
     store_pack<N>(grad_residual + offset, gr, valid, vectorized);
     store_pack<N>(grad_x + offset, gx, valid, vectorized);
+    return 0u;
   }
 
   bool aligned() const {
-    return is_pack_aligned<kPack>(grad) && is_pack_aligned<kPack>(out) && is_pack_aligned<kPack>(grad_x) &&
-           is_pack_aligned<kPack>(grad_residual);
+    return is_pack_aligned<kPack>(grad) && is_pack_aligned<kPack>(grad_x) && is_pack_aligned<kPack>(grad_residual);
   }
 };
 
@@ -273,16 +343,22 @@ struct LaunchPlan {
 template <typename Op>
 LaunchPlan plan_launch(const Op& op, const Tensor& layout, int64_t max_blocks) {
   constexpr int N = Op::kPack;
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * N;
+  constexpr int kUnit = unit_packs<N, Op>();
+  constexpr int kUnits = kUnroll / kUnit > 0 ? kUnroll / kUnit : 1;
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnits * kUnit * N;
   Geometry g{};
   g.numel = layout.numel();
   g.batch = layout.size(0);
-  g.run_length = g.batch > 1 ? layout.stride(0) : g.numel;
+  g.run_length = run_length_of(layout);
+  g.mask_bytes_per_run = (g.run_length + kMaskGroup - 1) / kMaskGroup;
   const int64_t runs = g.numel / g.run_length;
   g.element_mode = g.run_length < static_cast<int64_t>(kThreads) * N;
   int64_t blocks;
   if (g.element_mode) {
-    blocks = std::min((g.numel + kThreads - 1) / kThreads, max_blocks);
+    constexpr int64_t kElementUnit = unit_packs<1, Op>();
+    g.units_per_run = (g.run_length + kElementUnit - 1) / kElementUnit;
+    g.units = runs * g.units_per_run;
+    blocks = std::min((g.units + kThreads - 1) / kThreads, max_blocks);
   } else {
     g.chunks_per_run = (g.run_length + kChunk - 1) / kChunk;
     g.chunks = runs * g.chunks_per_run;
@@ -296,13 +372,16 @@ LaunchPlan plan_launch(const Op& op, const Tensor& layout, int64_t max_blocks) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename Launcher>
-Tensor drop_path_add_with(const Launcher& launcher, const Tensor& x, const Tensor& residual, const std::optional<Tensor>& seed,
-                          const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep, bool relu) {
+std::tuple<Tensor, Tensor> drop_path_add_with(const Launcher& launcher, const Tensor& x, const Tensor& residual,
+                                              const std::optional<Tensor>& seed, const Tensor& p, bool training,
+                                              c10::string_view mode, bool scale_by_keep, bool relu,
+                                              bool save_relu_mask) {
   check_same_batched_shape(x, "x", residual, "residual");
   check_same_device(x, "x", residual, "residual");
   const bool batch_mode = is_batch_mode(mode);
   Tensor out = at::empty_like(residual, residual.options().dtype(c10::promoteTypes(x.scalar_type(), residual.scalar_type())));
-  if (out.numel() == 0) return out;
+  Tensor relu_mask = make_relu_mask(out, relu, save_relu_mask);
+  if (out.numel() == 0) return {out, relu_mask};
   const CoinTensors coin = coin_on_device(seed, p, out);
   const Tensor x_dense = in_layout_of(x, out);
   const Tensor r_dense = in_layout_of(residual, out);
@@ -311,12 +390,20 @@ Tensor drop_path_add_with(const Launcher& launcher, const Tensor& x, const Tenso
     STOCHDEPTH_DISPATCH_FLOATING(residual.scalar_type(), "drop_path_add_cuda_r", [&] {
       using r_t = scalar_t;
       using out_t = promoted_t<x_t, r_t>;
-      const DropPathOp<x_t, r_t, out_t, true> op{x_dense.const_data_ptr<x_t>(), r_dense.const_data_ptr<r_t>(),
-                                                 out.mutable_data_ptr<out_t>(), relu};
-      launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, out, launcher.max_blocks(out)));
+      const auto launch = [&](auto op) {
+        launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, out, launcher.max_blocks(out)));
+      };
+      const x_t* x_ptr = x_dense.const_data_ptr<x_t>();
+      const r_t* r_ptr = r_dense.const_data_ptr<r_t>();
+      out_t* out_ptr = out.mutable_data_ptr<out_t>();
+      if (save_relu_mask) {
+        launch(DropPathOp<x_t, r_t, out_t, true, true>{x_ptr, r_ptr, out_ptr, true, relu_mask.mutable_data_ptr<uint8_t>()});
+      } else {
+        launch(DropPathOp<x_t, r_t, out_t, true>{x_ptr, r_ptr, out_ptr, relu, nullptr});
+      }
     });
   });
-  return out;
+  return {out, relu_mask};
 }
 
 template <typename Launcher>
@@ -333,7 +420,7 @@ Tensor drop_path_with(const Launcher& launcher, const Tensor& x, const std::opti
     STOCHDEPTH_DISPATCH_FLOATING(out.scalar_type(), "drop_path_cuda_out", [&] {
       using out_t = scalar_t;
       const DropPathOp<x_t, x_t, out_t, false> op{x_dense.const_data_ptr<x_t>(), nullptr,
-                                                  out.mutable_data_ptr<out_t>(), false};
+                                                  out.mutable_data_ptr<out_t>(), false, nullptr};
       launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, out, launcher.max_blocks(out)));
     });
   });
@@ -342,24 +429,23 @@ Tensor drop_path_with(const Launcher& launcher, const Tensor& x, const std::opti
 
 template <typename Launcher>
 std::tuple<Tensor, Tensor> drop_path_add_relu_backward_with(
-    const Launcher& launcher, const Tensor& grad, const Tensor& out, const std::optional<Tensor>& seed, const Tensor& p, bool training,
-    c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype, at::ScalarType residual_dtype) {
-  check_same_batched_shape(out, "out", grad, "grad");
-  check_same_device(out, "out", grad, "grad");
-  check_relu_backward_out(out, x_dtype, residual_dtype);
+    const Launcher& launcher, const Tensor& grad, const Tensor& relu_mask, const std::optional<Tensor>& seed,
+    const Tensor& p, bool training, c10::string_view mode, bool scale_by_keep, at::ScalarType x_dtype,
+    at::ScalarType residual_dtype) {
+  check_relu_mask(relu_mask, grad);
+  check_same_device(relu_mask, "relu_mask", grad, "grad");
   const bool batch_mode = is_batch_mode(mode);
-  Tensor grad_x = at::empty_like(out, out.options().dtype(x_dtype));
-  Tensor grad_residual = at::empty_like(out, out.options().dtype(residual_dtype));
-  if (out.numel() == 0) return {grad_x, grad_residual};
-  const CoinTensors coin = coin_on_device(seed, p, out);
-  const Tensor out_dense = in_layout_of(out, grad_x);
-  const Tensor grad_dense = in_layout_of(grad.to(out.scalar_type()), grad_x);
+  Tensor grad_x = at::empty_like(grad, grad.options().dtype(x_dtype));
+  Tensor grad_residual = at::empty_like(grad, grad.options().dtype(residual_dtype));
+  if (grad.numel() == 0) return {grad_x, grad_residual};
+  const CoinTensors coin = coin_on_device(seed, p, grad);
+  const Tensor grad_promoted = grad.to(c10::promoteTypes(x_dtype, residual_dtype));
   STOCHDEPTH_DISPATCH_FLOATING(x_dtype, "relu_backward_cuda_x", [&] {
     using gx_t = scalar_t;
     STOCHDEPTH_DISPATCH_FLOATING(residual_dtype, "relu_backward_cuda_r", [&] {
       using gr_t = scalar_t;
       using g_t = promoted_t<gx_t, gr_t>;
-      const ReluBackwardOp<g_t, gx_t, gr_t> op{grad_dense.const_data_ptr<g_t>(), out_dense.const_data_ptr<g_t>(),
+      const ReluBackwardOp<g_t, gx_t, gr_t> op{grad_promoted.const_data_ptr<g_t>(), relu_mask.const_data_ptr<uint8_t>(),
                                                grad_x.mutable_data_ptr<gx_t>(),
                                                grad_residual.mutable_data_ptr<gr_t>()};
       launcher(op, coin.coin(training, batch_mode, scale_by_keep), plan_launch(op, grad_x, launcher.max_blocks(grad_x)));
