@@ -34,7 +34,7 @@ from torch._library.triton import set_wrap_triton_enabled  # what triton_op's ea
 from torch.library import triton_op, wrap_triton
 
 from stochdepth_kernels.ops import eager_autograd, register_drop_path_autograd
-from stochdepth_kernels.relu_mask import GROUP, check_relu_mask, relu_mask_bytes, run_length as run_length_of
+from stochdepth_kernels.relu_mask import check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuned per row length (the key): short rows want small blocks, long rows large ones. The
@@ -78,10 +78,11 @@ def _run_block(run_length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK: tl.constexpr):
+def _mask_bytes(mask_ptr, run, start, run_length, BLOCK: tl.constexpr):
     """Pointers to the block's BLOCK / 8 bytes of the ReLU sign mask and which of them exist."""
+    bytes_per_run = tl.cdiv(run_length, 8)
     index = start // 8 + tl.arange(0, BLOCK // 8)
-    return mask_ptr + run * mask_bytes_per_run + index, index < mask_bytes_per_run
+    return mask_ptr + run * bytes_per_run + index, index < bytes_per_run
 
 
 @triton.autotune(configs=BLOCK_CONFIGS, key=["run_length"])
@@ -91,7 +92,6 @@ def _drop_path_add_forward_kernel(
     mask_ptr,                          # uint8 ReLU sign mask, written if SAVE_MASK
     seed_ptr, p_ptr,                   # int64[1] seed (unused unless SAMPLE), 0-d float p, on the device
     batch, run_length,                 # rows; elements per run of one row in memory order
-    mask_bytes_per_run,
     SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -112,7 +112,7 @@ def _drop_path_add_forward_kernel(
         # Bits of the stored values, as eager's relu backward reads its output; out of range: 0.
         passes = tl.where(stored.to(ACC) <= 0.0, 0, 1)
         bits = tl.reshape(passes, [BLOCK // 8, 8]) << tl.arange(0, 8)[None, :]
-        pointers, exists = _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK)
+        pointers, exists = _mask_bytes(mask_ptr, run, start, run_length, BLOCK)
         tl.store(pointers, tl.sum(bits, axis=1).to(tl.uint8), mask=exists)
 
 
@@ -121,14 +121,14 @@ def _drop_path_add_forward_kernel(
 def _relu_backward_kernel(
     grad_ptr, mask_ptr,                # dense grad in the forward output's layout; its ReLU sign mask
     grad_x_ptr, grad_residual_ptr,     # dense, same layout, x's and residual's dtypes
-    seed_ptr, p_ptr, batch, run_length, mask_bytes_per_run,
+    seed_ptr, p_ptr, batch, run_length,
     SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     run, start, offsets, in_range = _run_block(run_length, BLOCK)
     factor = _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC)
     grad = tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(ACC)
-    pointers, exists = _mask_bytes(mask_ptr, run, start, mask_bytes_per_run, BLOCK)
+    pointers, exists = _mask_bytes(mask_ptr, run, start, run_length, BLOCK)
     mask_bytes = tl.load(pointers, mask=exists, other=0).to(tl.int32)
     passes = tl.reshape((mask_bytes[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK])
     grad_residual = tl.where(passes != 0, grad, 0.0)
@@ -160,10 +160,6 @@ def _grid(numel: int, run_length: int):
     return lambda meta: (runs * triton.cdiv(run_length, meta["BLOCK"]),)
 
 
-def _mask_bytes_per_run(shared: tuple) -> int:
-    return -(-shared[-1] // GROUP)
-
-
 def _drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tensor, training: bool,
                    mode: str, scale_by_keep: bool, relu: bool, save_relu_mask: bool = False) -> tuple[Tensor, Tensor]:
     if save_relu_mask and not relu:
@@ -175,7 +171,6 @@ def _drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tenso
     shared, flags = _launch_config(out, out.dtype, seed, p, training, mode, scale_by_keep)
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
         _in_layout_of(x, out), _in_layout_of(residual, out), out, relu_mask if save_relu_mask else out, *shared,
-        _mask_bytes_per_run(shared),
         HAS_RESIDUAL=True, RELU=relu, SAVE_MASK=save_relu_mask, **flags)
     return out, relu_mask
 
@@ -189,7 +184,7 @@ def _drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mod
                                    scale_by_keep)
     x_dense = _in_layout_of(x, out)
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
-        x_dense, x_dense, out, out, *shared, 0, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
+        x_dense, x_dense, out, out, *shared, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
     return out
 
 
@@ -204,7 +199,7 @@ def _drop_path_add_relu_backward(grad: Tensor, relu_mask: Tensor, seed: Optional
     compute_dtype = torch.promote_types(x_dtype, residual_dtype)
     shared, flags = _launch_config(grad_x, compute_dtype, seed, p, training, mode, scale_by_keep)
     wrap_triton(_relu_backward_kernel)[_grid(grad.numel(), shared[-1])](
-        grad.to(compute_dtype), relu_mask, grad_x, grad_residual, *shared, _mask_bytes_per_run(shared), **flags)
+        grad.to(compute_dtype), relu_mask, grad_x, grad_residual, *shared, **flags)
     return grad_x, grad_residual
 
 
