@@ -3,9 +3,9 @@ from stochdepth_kernels import ops as _ops  # noqa: F401  (loads the native libr
 from stochdepth_kernels.functional import available_backends, drop_path, fused_drop_path_add
 from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, stochastic_depth
 from stochdepth_kernels.schedules import DropRateWarmup, drop_path_rates
-from stochdepth_kernels.seeding import same_masks_on_recompute, set_seed_scope
+from stochdepth_kernels.seeding import record_then_replay_masks, same_masks_on_recompute, set_seed_scope
 
 __all__ = ["DropPath", "DropPathAdd", "DropRateWarmup", "StochasticDepth", "available_backends", "drop_path",
-           "drop_path_rates", "fused_drop_path_add", "same_masks_on_recompute", "set_seed_scope",
-           "stochastic_depth"]
+           "drop_path_rates", "fused_drop_path_add", "record_then_replay_masks", "same_masks_on_recompute",
+           "set_seed_scope", "stochastic_depth"]
 __version__ = "0.1.0"

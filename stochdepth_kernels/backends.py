@@ -71,7 +71,10 @@ TRITON_FROM_BYTES = 256 * 2**20
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that run on ``device``, fastest first."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from None
     return [name for name in AUTO_ORDER if BACKENDS[name].runs_on(device)]
 
 

@@ -101,14 +101,19 @@ class DropPathAdd(_HasDropProbability):
     def add_branch(self, branch: Callable[[], Tensor], residual: Tensor,
                    parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
         """``forward(branch(), residual)``, skipping ``branch`` (whose weights ``parameters()`` lists)
-        when its batch is dropped."""
-        if self.mode != "batch" or not self.training or self._drop_prob == 0.0:
+        when its batch is dropped. Under torch.compile the branch always runs (a data-dependent skip
+        would break the graph) and the fused op drops it, drawing its coin from the device's
+        generator: the same masks as eager on the CPU, the same distribution on accelerators."""
+        if self.mode != "batch" or not self.training or torch.compiler.is_compiling() or self._drop_prob == 0.0:
             return self(branch(), residual)
+        validation.check_input(residual, "residual")
         keep = 1.0 - self._drop_prob
         seed = draw_seed(torch.device("cpu"))
         if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
+            x = branch()
+            validation.check_pair(x, residual)  # as the fused op would: no broadcasting
             # The factor is known on the host: no seed goes to the device.
-            out = torch.add(residual, branch(), alpha=1.0 / keep if self.scale_by_keep else 1.0)
+            out = torch.add(residual, x, alpha=1.0 / keep if self.scale_by_keep else 1.0)
             return out.relu_() if self.activation == "relu" else out
         out = torch.relu(residual) if self.activation == "relu" else residual.clone()
         trained = [p for p in parameters() if p.requires_grad]
@@ -151,7 +156,10 @@ class StochasticDepth(nn.Module):
 
 def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
     """torchvision's ``torchvision.ops.stochastic_depth``: the same arguments, results in
-    distribution and validation messages; the mask from this package's stream (:func:`drop_path`)."""
+    distribution and validation messages; the mask from this package's stream (:func:`drop_path`).
+    Unlike torchvision's, it also rejects a non-tensor ``input`` and a non-bool ``training``."""
+    validation.check_input(input, "input")
+    validation.check_bool(training, "training")
     if p < 0.0 or p > 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
     if mode not in ["batch", "row"]:

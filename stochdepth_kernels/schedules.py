@@ -27,8 +27,10 @@ def drop_path_rates(depth: int | Sequence[int], drop_rate: float, distribution: 
     validation.check_choice(distribution, "distribution", DISTRIBUTIONS)
     validation.check_choice(convention, "convention", CONVENTIONS)
     validation.check_probability(drop_rate, "drop_rate")
-    stages = [depth] if isinstance(depth, int) else list(depth)
-    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in stages):
+    stages = [depth] if isinstance(depth, int) else list(depth) if isinstance(depth, Sequence) else None
+    if stages is None or any(isinstance(d, bool) or not isinstance(d, int) for d in stages):
+        raise TypeError(f"depth must be a non-negative int or a list of them, got {depth!r}")
+    if any(d < 0 for d in stages):
         raise ValueError(f"depth must be a non-negative int or a list of them, got {depth!r}")
     total = sum(stages)
     if distribution == "uniform":
@@ -50,8 +52,9 @@ class DropRateWarmup:
     writes each module's ``p`` buffer in place, so a compiled model does not recompile."""
 
     def __init__(self, modules: nn.Module | Iterable[nn.Module], warmup_steps: int):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        _check_count(warmup_steps, "warmup_steps")
+        if not isinstance(modules, (nn.Module, Iterable)) or isinstance(modules, str):
+            raise TypeError(f"modules must be a torch.nn.Module or an iterable of them, got {type(modules).__name__}")
         found = modules.modules() if isinstance(modules, nn.Module) else modules
         self.modules = [m for m in found if isinstance(m, _HasDropProbability)]
         if not self.modules:
@@ -64,6 +67,7 @@ class DropRateWarmup:
     @classmethod
     def from_fraction(cls, modules, total_steps: int, drop_warmup: float) -> DropRateWarmup:
         """Composer's ``drop_warmup``: the warm-up lasts that fraction of ``total_steps``."""
+        _check_count(total_steps, "total_steps")
         validation.check_probability(drop_warmup, "drop_warmup")
         return cls(modules, round(drop_warmup * total_steps))
 
@@ -83,5 +87,18 @@ class DropRateWarmup:
         return {"steps": self.steps, "warmup_steps": self.warmup_steps, "targets": list(self.targets)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores what :meth:`state_dict` saved, for the same modules."""
+        keys = sorted(self.state_dict())
+        if not isinstance(state, dict) or sorted(state) != keys:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be a DropRateWarmup.state_dict() with the keys {keys}, got {got}")
+        if len(state["targets"]) != len(self.modules):
+            raise ValueError(f"state has targets for {len(state['targets'])} modules, this warm-up drives "
+                             f"{len(self.modules)}")
         self.steps, self.warmup_steps, self.targets = state["steps"], state["warmup_steps"], list(state["targets"])
         self._apply()
+
+
+def _check_count(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -4,7 +4,9 @@ an activation-checkpoint recomputation the forward's masks."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -73,6 +75,30 @@ def same_masks_on_recompute():
     return tape.use("record"), tape.use("replay")
 
 
+def record_then_replay_masks(fn: Callable) -> Callable:
+    """``fn`` for ``torch.utils.checkpoint.checkpoint(..., preserve_rng_state=False)`` in either
+    ``use_reentrant`` mode (the reentrant one has no ``context_fn``): the first call (the forward)
+    records the seeds ``fn`` draws, the second (the recomputation) replays them, so the backward
+    sees the forward's masks. Wrap ``fn`` anew for every forward; a third call raises rather than
+    hand a new forward the last one's masks."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    tape = _SeedTape()
+    calls = 0
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal calls
+        if calls == 2:
+            raise RuntimeError("record_then_replay_masks(fn) was called a third time: it serves one forward and its "
+                               "recomputation; wrap fn anew for every forward")
+        calls += 1
+        with tape.use("record" if calls == 1 else "replay"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
     device's default generator) and made this rank's (:func:`set_seed_scope`), or replayed from the
@@ -92,7 +118,7 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
 
 def seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
     """A user-given seed as the 1-element int64 tensor on ``device`` the ops take."""
-    check_seed(seed)
+    check_seed(seed, device)
     if isinstance(seed, Tensor):
         return seed.reshape(1).to(device)
     return torch.tensor([seed], dtype=torch.int64, device=device)
@@ -104,7 +130,7 @@ def call_seed(training: bool, p_is_zero: bool, seed, generator, device: torch.de
     if not training or p_is_zero:
         check_generator(generator, device)
         if seed is not None:
-            check_seed(seed)
+            check_seed(seed, device)
         return None
     if seed is not None:
         check_generator(generator, device)

@@ -67,6 +67,12 @@ class SurgeryReport:
 def register_block(cls: type, adapter: Adapter, skip_rule: SkipRule | None = None) -> None:
     """Makes ``apply_stochastic_depth`` handle blocks of type ``cls`` with ``adapter(block, settings)``;
     ``skip_rule(block)``, if given, names why a block must be left alone (None: adapt it)."""
+    if not isinstance(cls, type):
+        raise TypeError(f"cls must be a class, got {type(cls).__name__}")
+    if not callable(adapter):
+        raise TypeError(f"adapter must be callable, got {type(adapter).__name__}")
+    if not (skip_rule is None or callable(skip_rule)):
+        raise TypeError(f"skip_rule must be callable or None, got {type(skip_rule).__name__}")
     _ADAPTERS[cls] = (adapter, skip_rule or (lambda block: None))
 
 
@@ -84,10 +90,13 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
     default, ``"timm"`` for linspace from 0). ``stochastic_method="sample"``: one coin per sample;
     ``"block"``: one per batch, skipping the branch's compute where the block supports it."""
     validation.check_module(model, "model")
+    if target_layer_name is not None and not isinstance(target_layer_name, str):
+        raise TypeError(f"target_layer_name must be a str or None, got {type(target_layer_name).__name__}")
     validation.check_choice(stochastic_method, "stochastic_method", list(STOCHASTIC_METHODS))
     validation.check_choice(drop_distribution, "drop_distribution", DISTRIBUTIONS)
     validation.check_choice(convention, "convention", CONVENTIONS)
     validation.check_probability(drop_rate, "drop_rate")
+    validation.check_bool(scale_by_keep, "scale_by_keep")  # before any block changes
     wanted = ALIASES.get(target_layer_name, target_layer_name)
     blocks = [(name, module) for name, module in model.named_modules()
               if _adapter_for(module) is not None and (wanted is None or _block_name(module) == wanted)]

@@ -30,9 +30,12 @@ def check_module(value, name: str, optional: bool = False) -> None:
 
 
 def check_input(t, name: str) -> None:
-    """A floating-point tensor with a batch dimension."""
+    """A dense (strided) floating-point tensor with a batch dimension."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else f'layout {t.layout}'}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() == 0:
@@ -61,15 +64,23 @@ def check_probability(value, name: str) -> float:
     return float(value)
 
 
+def check_tensor_device(t: Tensor, name: str, device: torch.device) -> None:
+    """A small argument tensor the ops read: on the CPU or on x's ``device``."""
+    if t.device.type != "cpu" and t.device != device:
+        raise ValueError(f"{name} must be on the CPU or on the device of x ({device}), got a tensor on {t.device}")
+
+
 def probability_tensor(p, device: torch.device) -> Tensor:
     """``p`` as the 0-d tensor the ops take. A Python number becomes a float64 tensor on ``device``; a
-    tensor may live on the CPU or on ``device``. Tensor values on an accelerator are not checked
-    (that would synchronise)."""
+    tensor may live on the CPU or on ``device`` and must not require grad (the mask has no gradient
+    in ``p``). Tensor values on an accelerator are not checked (that would synchronise)."""
     if isinstance(p, Tensor):
         if p.numel() != 1 or not p.is_floating_point():
             raise TypeError(f"p must be a float or a 1-element floating-point tensor, got {p.dtype} tensor of shape {tuple(p.shape)}")
-        if p.device.type != "cpu" and p.device != device:
-            raise ValueError(f"p must be on the CPU or on {device}, got a tensor on {p.device}")
+        check_tensor_device(p, "p", device)
+        if p.requires_grad:
+            raise ValueError("p must not require grad (stochastic depth has no gradient in p), got a tensor with "
+                             "requires_grad=True")
         if p.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_probability_value(float(p))
         return p.reshape(())
@@ -87,10 +98,13 @@ def is_zero(p) -> bool:
     return not isinstance(p, Tensor) and float(p) == 0.0
 
 
-def check_seed(seed) -> None:
+def check_seed(seed, device: torch.device) -> None:
+    """An int in [0, 2**63), or a 1-element int64 tensor on the CPU or x's ``device`` (whose 64 bits
+    are the seed as they are: any value is valid)."""
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise TypeError(f"seed must be an int or a 1-element int64 tensor, got {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        check_tensor_device(seed, "seed", device)
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a 1-element int64 tensor, got {type(seed).__name__}")

@@ -5,7 +5,8 @@ import torch
 import torch.utils.checkpoint as checkpointing
 
 from helpers import assert_matches, random_tensor
-from stochdepth_kernels import DropPathAdd, StochasticDepth, fused_drop_path_add, same_masks_on_recompute
+from stochdepth_kernels import (DropPathAdd, StochasticDepth, fused_drop_path_add, record_then_replay_masks,
+                                same_masks_on_recompute)
 from stochdepth_kernels.seeding import draw_seed
 
 
@@ -54,7 +55,15 @@ def test_seed_tape_gives_the_same_masks_without_preserving_rng_state(seed):
         b, h, use_reentrant=False, preserve_rng_state=False, context_fn=same_masks_on_recompute), seed)
 
 
-def test_without_the_tape_or_rng_state_the_recomputation_draws_other_masks():
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_recorded_function_gives_the_same_masks_without_preserving_rng_state(use_reentrant, seed):
+    assert_same_training_step(lambda b, h: checkpointing.checkpoint(
+        record_then_replay_masks(b), h, use_reentrant=use_reentrant, preserve_rng_state=False), seed)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_without_the_tape_or_rng_state_the_recomputation_draws_other_masks(use_reentrant):
     """Why the tape exists: recomputing with a moved generator gives the backward new masks (a
     wrong gradient), or a different graph (PyTorch's CheckpointError)."""
     block, x = Block(), random_tensor((64, 16))
@@ -62,11 +71,20 @@ def test_without_the_tape_or_rng_state_the_recomputation_draws_other_masks():
     expected = gradients(block, x, lambda b, h: b(h))
     torch.manual_seed(0)
     try:
-        got = gradients(block, x, lambda b, h: checkpointing.checkpoint(b, h, use_reentrant=False,
+        got = gradients(block, x, lambda b, h: checkpointing.checkpoint(b, h, use_reentrant=use_reentrant,
                                                                           preserve_rng_state=False))
     except checkpointing.CheckpointError:
         return
     assert not all(torch.equal(g, w) for g, w in zip(got[1:], expected[1:]))
+
+
+def test_recorded_function_serves_one_forward():
+    """Kept across steps, the wrapper would hand the next forward the last one's masks: it refuses."""
+    run = record_then_replay_masks(lambda h: fused_drop_path_add(h, h, 0.5))
+    x = random_tensor((64, 4))
+    assert torch.equal(run(x), run(x))
+    with pytest.raises(RuntimeError, match="called a third time: it serves one forward and its recomputation"):
+        run(x)
 
 
 def test_tape_refuses_a_recomputation_that_draws_more_seeds():

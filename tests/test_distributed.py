@@ -73,7 +73,3 @@ def test_ddp_trains_both_methods_with_identical_parameters_on_every_rank():
                 process.kill()
             pytest.fail(f"DDP training did not finish in {TIMEOUT_S} s (a hang)")
 
-
-def test_seed_scope_is_checked():
-    with pytest.raises(ValueError, match="seed_scope must be one of \\['rank', 'global'\\], got 'node'"):
-        set_seed_scope("node")

@@ -34,10 +34,6 @@ def test_drop_prob_lives_in_a_buffer_that_follows_the_module():
     module.drop_prob = 0.6
     assert float(module.p) == pytest.approx(0.6) and module.drop_prob == 0.6
     assert "p" in dict(module.named_buffers()) and "p" not in module.state_dict()
-    with pytest.raises(ValueError, match=re.escape("drop_prob must be a probability in [0, 1], got 1.5")):
-        module.drop_prob = 1.5
-    with pytest.raises(TypeError, match="drop_prob must be a float, got str"):
-        DropPath("0.1")
 
 
 @pytest.mark.parametrize("mode", ["row", "batch"])
@@ -50,8 +46,6 @@ def test_drop_path_add_equals_the_functional_op(mode):
     torch.manual_seed(3)
     assert_matches(out, fused_drop_path_add(x, residual, 0.4, activation="relu", mode=mode))
     assert_matches(module.eval()(x, residual), torch.relu(x + residual))
-    with pytest.raises(ValueError, match="activation must be one of \\[None, 'relu'\\], got 'gelu'"):
-        DropPathAdd(0.1, activation="gelu")
 
 
 def test_stochastic_depth_row_mode_is_the_fused_block():
@@ -149,9 +143,12 @@ def test_changing_p_does_not_recompile():
 
 
 @pytest.mark.parametrize("make", [lambda: DropPath(0.5), lambda: DropPathAdd(0.5, activation="relu"),
-                                  lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5)],
-                         ids=["DropPath", "DropPathAdd", "StochasticDepth"])
+                                  lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5),
+                                  lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5, mode="batch")],
+                         ids=["DropPath", "DropPathAdd", "StochasticDepth", "StochasticDepth-batch"])
 def test_compiled_module_draws_a_fresh_mask_per_call_and_matches_eager(make):
+    """Compiled, the batch-mode branch skip becomes the fused op's batch coin: the branch runs, and
+    on the CPU the masks are eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     module = make()
@@ -159,14 +156,16 @@ def test_compiled_module_draws_a_fresh_mask_per_call_and_matches_eager(make):
     counter = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     compiled = torch.compile(module, backend=counter, fullgraph=True)
-    results = []
-    for run in (compiled, module, compiled):
-        torch.manual_seed(3 if len(results) < 2 else 4)
-        out = run(*inputs)
-        results.append([out, *torch.autograd.grad(out.sum(), inputs)])
-    for got, want in zip(results[0], results[1]):  # same seed: same mask, output and gradients as eager
-        assert_matches(got, want)
-    assert not torch.equal(results[0][0], results[2][0])  # a fresh mask, not one frozen at trace time
+    for seed in range(4):  # batch mode: both coins among these seeds
+        results = []
+        for run in (compiled, module):
+            torch.manual_seed(seed)
+            out = run(*inputs)
+            results.append([out, *torch.autograd.grad(out.sum(), inputs)])
+        for got, want in zip(*results):  # same seed: same mask, output and gradients as eager
+            assert_matches(got, want)
+    outputs = [compiled(*inputs) for _ in range(8)]
+    assert any(not torch.equal(outputs[0], out) for out in outputs[1:])  # fresh masks, not frozen at trace time
     compiled_frames = counter.frame_count
     module.drop_prob = 0.25
     compiled(*inputs)

@@ -1,5 +1,4 @@
 """Drop-rate schedules (timm's and the paper's conventions, per stage) and the warm-up."""
-import re
 
 import pytest
 import torch
@@ -25,19 +24,6 @@ def test_uniform_and_edge_depths():
     assert drop_path_rates(0, 0.3) == []
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"drop_rate": 1.2}, ValueError, "drop_rate must be a probability in [0, 1], got 1.2"),
-    ({"distribution": "cosine"}, ValueError, "distribution must be one of ['linear', 'uniform'], got 'cosine'"),
-    ({"convention": "keras"}, ValueError, "convention must be one of ['timm', 'paper'], got 'keras'"),
-    ({"depth": -1}, ValueError, "depth must be a non-negative int or a list of them, got -1"),
-    ({"depth": [2, 1.5]}, ValueError, "depth must be a non-negative int or a list of them, got [2, 1.5]"),
-])
-def test_bad_arguments(kwargs, error, message):
-    arguments = {"depth": 4, "drop_rate": 0.1, **kwargs}
-    with pytest.raises(error, match=re.escape(message)):
-        drop_path_rates(**arguments)
-
-
 def test_warmup_scales_every_rate_from_zero_and_round_trips():
     model = torch.nn.Sequential(DropPath(0.2), torch.nn.Linear(2, 2), DropPathAdd(0.4))
     warmup = DropRateWarmup(model, warmup_steps=4)
@@ -56,7 +42,3 @@ def test_warmup_scales_every_rate_from_zero_and_round_trips():
 def test_warmup_from_a_fraction_of_training():
     warmup = DropRateWarmup.from_fraction([DropPath(0.3)], total_steps=1000, drop_warmup=0.1)
     assert warmup.warmup_steps == 100
-    with pytest.raises(ValueError, match="no stochastic-depth module"):
-        DropRateWarmup(torch.nn.Linear(2, 2), warmup_steps=3)
-    with pytest.raises(ValueError, match=re.escape("warmup_steps must be a non-negative int, got 2.5")):
-        DropRateWarmup([DropPath(0.3)], warmup_steps=2.5)

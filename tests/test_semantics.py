@@ -1,6 +1,8 @@
 """DESIGN.md's edge cases, for every backend that runs on the CPU."""
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from helpers import assert_matches, kept_rows, random_tensor
 from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add
@@ -53,6 +55,60 @@ def test_empty_batch(backend):
     x, residual = torch.randn(0, 3, 4), torch.randn(0, 3, 4)
     out = fused_drop_path_add(x, residual, 0.2, backend=backend)
     assert out.shape == (0, 3, 4)
+
+
+def _kept(rows: int, seed: int) -> Tensor:
+    """The keep mask of ``rows`` samples at p = 0.5 for ``seed``, as a column."""
+    return kept_rows(drop_path(random_tensor((rows, 1)), 0.5, seed=seed, backend="reference"))[:, None]
+
+
+def _nonfinite_x(backend):
+    x, residual = random_tensor((64, 5)), random_tensor((64, 5))
+    x[:, 0], x[:, 1] = float("nan"), float("inf")
+    return (fused_drop_path_add(x, residual, 0.5, seed=7, backend=backend),
+            torch.where(_kept(64, 7), residual + 2 * x, residual))
+
+
+def _nan_residual_through_relu(backend):
+    x, residual = random_tensor((64, 5)), random_tensor((64, 5))
+    residual[:, 2] = float("nan")
+    return (fused_drop_path_add(x, residual, 0.5, seed=7, activation="relu", backend=backend),
+            torch.relu(torch.where(_kept(64, 7), residual + 2 * x, residual)))
+
+
+def _one_dimensional(backend):
+    x, residual = random_tensor((64,)), random_tensor((64,))
+    return (fused_drop_path_add(x, residual, 0.5, seed=3, backend=backend),
+            torch.where(_kept(64, 3)[:, 0], residual + 2 * x, residual))
+
+
+def _zero_features(backend):
+    return fused_drop_path_add(torch.randn(4, 0), torch.randn(4, 0), 0.5, backend=backend), torch.empty(4, 0)
+
+
+def _expanded(backend):
+    x, residual = random_tensor((3,)).expand(16, 3), random_tensor((16, 1)).expand(16, 3)
+    return (fused_drop_path_add(x, residual, 0.5, seed=2, backend=backend),
+            fused_drop_path_add(x.contiguous(), residual.contiguous(), 0.5, seed=2, backend=backend))
+
+
+def _python_number_p(backend):
+    x, residual = random_tensor((32, 3)), random_tensor((32, 3))
+    got = [fused_drop_path_add(x, residual, p, seed=4, backend=backend) for p in (1, 0, np.float64(0.3))]
+    return torch.stack(got), torch.stack([residual, residual + x, fused_drop_path_add(x, residual, 0.3, seed=4,
+                                                                                      backend=backend)])
+
+
+# Valid inputs at the edge, with the result README's guarantees give them: NaN/Inf in a kept row or
+# in the residual propagate (ReLU keeps NaN); any 1-d or zero-size shape; stride-0 views; int and
+# NumPy p.
+EDGE_CASES = [_nonfinite_x, _nan_residual_through_relu, _one_dimensional, _zero_features, _expanded, _python_number_p]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda case: case.__name__.strip("_"))
+def test_valid_edge_input_gives_its_documented_result(backend, case):
+    got, expected = case(backend)
+    assert_matches(got, expected)
 
 
 @pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
