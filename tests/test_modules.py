@@ -142,6 +142,29 @@ def test_changing_p_does_not_recompile():
             assert_matches(out, fused_drop_path_add(x, residual, p, activation="relu"))
 
 
+def test_compiled_function_takes_a_new_p_and_rejects_a_bad_one():
+    """A tensor p changes without recompiling; a float p is a constant of the graph (a new value
+    recompiles, and works); a bad p raises the validation message inside a full graph too."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r, p: fused_drop_path_add(x, r, p, activation="relu", seed=3), backend=counter,
+                             fullgraph=True)
+    x, residual = random_tensor((16, 4)), random_tensor((16, 4))
+    frames = []
+    for p in (0.2, 0.6, 0.9):
+        out = compiled(x, residual, torch.tensor(p, dtype=torch.float64))
+        assert_matches(out, fused_drop_path_add(x, residual, p, activation="relu", seed=3))
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1]
+    for p in (0.1, 0.3, 0.7):
+        assert_matches(compiled(x, residual, p), fused_drop_path_add(x, residual, p, activation="relu", seed=3))
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported),
+                       match=re.escape("p must be a probability in [0, 1], got 1.5")):
+        compiled(x, residual, 1.5)
+
+
 @pytest.mark.parametrize("make", [lambda: DropPath(0.5), lambda: DropPathAdd(0.5, activation="relu"),
                                   lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5),
                                   lambda: StochasticDepth(torch.nn.Linear(8, 8), 0.5, mode="batch")],
