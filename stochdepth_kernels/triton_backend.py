@@ -66,6 +66,15 @@ def _row_factor(seed_ptr, p_ptr, row, SAMPLE: tl.constexpr, BATCH_MODE: tl.const
 
 
 @triton.jit
+def _stored_as(value, ptr):
+    """``value`` in ``ptr``'s element type. A 16-bit float goes through float32, as the CUDA and CPU
+    kernels round (the interpreter's direct float64 -> bfloat16 cast gives garbage)."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        return value.to(tl.float32).to(ptr.dtype.element_ty)
+    return value.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _run_block(run_length, BLOCK: tl.constexpr):
     """(run index, first element of the block in its run, int64 element offsets, in-range mask) of
     this program's block."""
@@ -106,7 +115,7 @@ def _drop_path_add_forward_kernel(
         value += tl.load(residual_ptr + offsets, mask=in_range, other=0.0).to(ACC)
     if RELU:
         value = tl.where(value < 0.0, 0.0, value)  # keeps NaN and -0.0, as torch.relu
-    stored = value.to(out_ptr.dtype.element_ty)
+    stored = _stored_as(value, out_ptr)
     tl.store(out_ptr + offsets, stored, mask=in_range)
     if SAVE_MASK:
         # Bits of the stored values, as eager's relu backward reads its output; out of range: 0.
@@ -133,8 +142,8 @@ def _relu_backward_kernel(
     passes = tl.reshape((mask_bytes[:, None] >> tl.arange(0, 8)[None, :]) & 1, [BLOCK])
     grad_residual = tl.where(passes != 0, grad, 0.0)
     grad_x = tl.where(factor != 0.0, factor * grad_residual, 0.0)
-    tl.store(grad_residual_ptr + offsets, grad_residual.to(grad_residual_ptr.dtype.element_ty), mask=in_range)
-    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=in_range)
+    tl.store(grad_residual_ptr + offsets, _stored_as(grad_residual, grad_residual_ptr), mask=in_range)
+    tl.store(grad_x_ptr + offsets, _stored_as(grad_x, grad_x_ptr), mask=in_range)
 
 
 def _in_layout_of(t: Tensor, layout: Tensor) -> Tensor:

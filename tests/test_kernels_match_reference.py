@@ -2,6 +2,8 @@
 and activation: outputs, masks and gradients. A new kernel joins by adding a line to KERNELS."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import simulated_cuda
 from helpers import (DTYPES, LAYOUTS, PROBABILITIES, assert_matches, kept_rows, random_tensor, registered_ops,
@@ -62,14 +64,45 @@ def test_forward_matches_reference(kernel, dtype, layout, p, training, mode, act
 @pytest.mark.parametrize("x_layout, r_layout", [("contiguous", "channels_last"), ("channels_last", "strided"),
                                                 ("batch_inner", "contiguous"), ("strided", "batch_inner")])
 @pytest.mark.parametrize("x_dtype, r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
-                                              (torch.float16, torch.bfloat16), (torch.float64, torch.float32)])
+                                              (torch.float16, torch.bfloat16), (torch.float64, torch.float32),
+                                              (torch.bfloat16, torch.float64), (torch.float64, torch.float16)])
 def test_mixed_dtypes_and_layouts_match_reference(kernel, x_layout, r_layout, x_dtype, r_dtype):
+    """Output and gradients; a float64 side makes the arithmetic float64 and the other side's
+    gradient a narrowing store."""
     skip_slow_on_interpreter(kernel, r_layout)
-    x = random_tensor(shape_for(kernel), x_dtype, x_layout, device=kernel[1])
-    residual = random_tensor(shape_for(kernel), r_dtype, r_layout, device=kernel[1])
+    x = random_tensor(shape_for(kernel), x_dtype, x_layout, device=kernel[1]).requires_grad_()
+    residual = random_tensor(shape_for(kernel), r_dtype, r_layout, device=kernel[1]).requires_grad_()
     out, expected = with_reference(kernel[0], fused_drop_path_add, x, residual, 0.5, activation="relu", seed=11)
     assert_matches(out, expected)
     assert out.stride() == expected.stride()
+    grad = random_tensor(shape_for(kernel), out.dtype, device=kernel[1])
+    got, want = (torch.autograd.grad(result, (x, residual), grad) for result in (out, expected))
+    for name, g, w in zip(("grad_x", "grad_residual"), got, want):
+        assert_matches(g, w, name)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_valid_inputs_match_reference(kernel, data):
+    """Hypothesis draws everything a call can vary (shape, both dtypes and layouts, p, flags, seed):
+    output and both gradients equal the reference's."""
+    draw = data.draw
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=4), label="shape"))
+    layouts = ["contiguous", "strided"] + (["channels_last"] if len(shape) == 4 else [])
+    if kernel != ("triton", "cpu"):  # see skip_slow_on_interpreter
+        layouts.append("batch_inner")
+    x, residual = (random_tensor(shape, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(layouts)),
+                                 device=kernel[1]).detach().requires_grad_() for _ in range(2))
+    kwargs = dict(p=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0), label="p"),
+                  training=draw(st.booleans(), label="training"), mode=draw(st.sampled_from(["row", "batch"])),
+                  scale_by_keep=draw(st.booleans(), label="scale_by_keep"),
+                  activation=draw(st.sampled_from([None, "relu"])), seed=draw(st.integers(0, 2**63 - 1), label="seed"))
+    out, expected = with_reference(kernel[0], fused_drop_path_add, x, residual, **kwargs)
+    assert_matches(out, expected)
+    grad = random_tensor(shape, out.dtype, device=kernel[1])
+    got, want = (torch.autograd.grad(result, (x, residual), grad) for result in (out, expected))
+    for name, g, w in zip(("grad_x", "grad_residual"), got, want):
+        assert_matches(g, w, name)
 
 
 @pytest.mark.parametrize("mode", ["row", "batch"])
