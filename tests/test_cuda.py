@@ -56,3 +56,23 @@ def test_bench_device_time_counts_the_kernels_of_a_call():
     two = device_time_per_call(lambda: (x.clone(), x.clone()), torch.device("cuda"))
     assert 20e-6 < one < 5e-3
     assert two == pytest.approx(2 * one, rel=0.2)
+
+
+def test_compiled_block_wise_skip_keeps_one_graph_on_cuda():
+    """Compiled, ``StochasticDepth(mode="batch")`` is one graph whose coin comes from the CUDA
+    generator: each call keeps or drops the whole batch, and both happen."""
+    from stochdepth_kernels import StochasticDepth
+
+    module = StochasticDepth(torch.nn.Linear(8, 8), 0.5, mode="batch").cuda()
+    compiled = torch.compile(module, fullgraph=True)
+    x = random_tensor((16, 8), device="cuda")
+    torch.manual_seed(0)
+    outcomes = set()
+    for _ in range(16):
+        out = compiled(x)
+        if torch.equal(out, x):
+            outcomes.add("dropped")
+        else:
+            torch.testing.assert_close(out, x + 2 * module.branch(x))
+            outcomes.add("kept")
+    assert outcomes == {"dropped", "kept"}
