@@ -77,10 +77,14 @@ inline int64_t run_length_of(const at::Tensor& dense) {
   return dense.size(0) > 1 ? dense.stride(0) : dense.numel();
 }
 
+inline int64_t mask_bytes_per_run(int64_t run_length) {
+  return (run_length + kMaskGroup - 1) / kMaskGroup;
+}
+
 inline int64_t relu_mask_bytes(const at::Tensor& dense) {
   if (dense.numel() == 0) return 0;
   const int64_t run_length = run_length_of(dense);
-  return dense.numel() / run_length * ((run_length + kMaskGroup - 1) / kMaskGroup);
+  return dense.numel() / run_length * mask_bytes_per_run(run_length);
 }
 
 // The forward's second output: the mask for `out` when asked for (relu only), else empty.

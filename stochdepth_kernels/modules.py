@@ -106,7 +106,6 @@ class DropPathAdd(_HasDropProbability):
         generator: the same masks as eager on the CPU, the same distribution on accelerators."""
         if self.mode != "batch" or not self.training or torch.compiler.is_compiling() or self._drop_prob == 0.0:
             return self(branch(), residual)
-        validation.check_input(residual, "residual")
         keep = 1.0 - self._drop_prob
         seed = draw_seed(torch.device("cpu"))
         if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
@@ -115,6 +114,7 @@ class DropPathAdd(_HasDropProbability):
             # The factor is known on the host: no seed goes to the device.
             out = torch.add(residual, x, alpha=1.0 / keep if self.scale_by_keep else 1.0)
             return out.relu_() if self.activation == "relu" else out
+        validation.check_input(residual, "residual")
         out = torch.relu(residual) if self.activation == "relu" else residual.clone()
         trained = [p for p in parameters() if p.requires_grad]
         return _ZeroGradients.apply(out, *trained) if trained and torch.is_grad_enabled() else out

@@ -70,11 +70,12 @@ def _save_coin(ctx, seed, p, training, mode, scale_by_keep, extra=None):
     ctx.factor_is_one = _factor_is_one(seed, training, scale_by_keep)
 
 
-def _in_layout(grad: Tensor, stride: tuple) -> Tensor:
-    """``grad`` itself if it has ``stride``, else a copy of it with those strides."""
-    if grad.stride() == stride:
-        return grad
-    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+def in_layout(t: Tensor, stride: tuple) -> Tensor:
+    """``t`` itself if it has ``stride`` (a dense layout of its shape), else a copy of it with those
+    strides."""
+    if t.stride() == stride:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _autograd_rules(unary, relu_backward):
@@ -98,7 +99,7 @@ def _autograd_rules(unary, relu_backward):
         seed, p, saved = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
         if ctx.relu and ctx.saved_mask:
-            grad_x, grad_residual = relu_backward(_in_layout(grad, ctx.out_stride), saved, seed, p, *ctx.coin_args,
+            grad_x, grad_residual = relu_backward(in_layout(grad, ctx.out_stride), saved, seed, p, *ctx.coin_args,
                                                   x_dtype, residual_dtype)
         elif ctx.relu:
             if not ctx.factor_is_one:

@@ -27,12 +27,16 @@ def run_length(dense: Tensor) -> int:
     return dense.stride(0) if dense.shape[0] > 1 else dense.numel()
 
 
+def _bytes_per_run(length: int) -> int:
+    return -(-length // GROUP)
+
+
 def relu_mask_bytes(dense: Tensor) -> int:
     """Size of the mask of the dense tensor ``dense``."""
     if dense.numel() == 0:
         return 0
     length = run_length(dense)
-    return dense.numel() // length * -(-length // GROUP)
+    return dense.numel() // length * _bytes_per_run(length)
 
 
 def is_dense(t: Tensor) -> bool:
@@ -67,7 +71,7 @@ def pack(out: Tensor) -> Tensor:
     if out.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=out.device)
     length = run_length(out)
-    groups = -(-length // GROUP)
+    groups = _bytes_per_run(length)
     passes = torch.zeros(out.numel() // length, groups * GROUP, dtype=torch.int32, device=out.device)
     passes[:, :length] = (~(_memory_order(out) <= 0)).reshape(-1, length)
     shifts = torch.arange(GROUP, dtype=torch.int32, device=out.device)

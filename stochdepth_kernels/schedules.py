@@ -52,7 +52,7 @@ class DropRateWarmup:
     writes each module's ``p`` buffer in place, so a compiled model does not recompile."""
 
     def __init__(self, modules: nn.Module | Iterable[nn.Module], warmup_steps: int):
-        _check_count(warmup_steps, "warmup_steps")
+        validation.check_count(warmup_steps, "warmup_steps")
         if not isinstance(modules, (nn.Module, Iterable)) or isinstance(modules, str):
             raise TypeError(f"modules must be a torch.nn.Module or an iterable of them, got {type(modules).__name__}")
         found = modules.modules() if isinstance(modules, nn.Module) else modules
@@ -67,7 +67,7 @@ class DropRateWarmup:
     @classmethod
     def from_fraction(cls, modules, total_steps: int, drop_warmup: float) -> DropRateWarmup:
         """Composer's ``drop_warmup``: the warm-up lasts that fraction of ``total_steps``."""
-        _check_count(total_steps, "total_steps")
+        validation.check_count(total_steps, "total_steps")
         validation.check_probability(drop_warmup, "drop_warmup")
         return cls(modules, round(drop_warmup * total_steps))
 
@@ -97,8 +97,3 @@ class DropRateWarmup:
                              f"{len(self.modules)}")
         self.steps, self.warmup_steps, self.targets = state["steps"], state["warmup_steps"], list(state["targets"])
         self._apply()
-
-
-def _check_count(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")

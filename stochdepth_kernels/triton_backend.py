@@ -33,7 +33,7 @@ from torch import Tensor
 from torch._library.triton import set_wrap_triton_enabled  # what triton_op's eager path uses
 from torch.library import triton_op, wrap_triton
 
-from stochdepth_kernels.ops import eager_autograd, register_drop_path_autograd
+from stochdepth_kernels.ops import eager_autograd, in_layout, register_drop_path_autograd
 from stochdepth_kernels.relu_mask import check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -146,11 +146,6 @@ def _relu_backward_kernel(
     tl.store(grad_x_ptr + offsets, _stored_as(grad_x, grad_x_ptr), mask=in_range)
 
 
-def _in_layout_of(t: Tensor, layout: Tensor) -> Tensor:
-    """``t`` itself when it already has ``layout``'s strides, else a copy of it in that layout."""
-    return t if t.stride() == layout.stride() else torch.empty_like(layout, dtype=t.dtype).copy_(t)
-
-
 def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tensor], p: Tensor, training: bool,
                    mode: str, scale_by_keep: bool) -> tuple[tuple, dict]:
     """The arguments every kernel shares: (seed, p, batch, run_length) and the constexpr flags; ``out``
@@ -179,8 +174,8 @@ def _drop_path_add(x: Tensor, residual: Tensor, seed: Optional[Tensor], p: Tenso
         return out, relu_mask
     shared, flags = _launch_config(out, out.dtype, seed, p, training, mode, scale_by_keep)
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
-        _in_layout_of(x, out), _in_layout_of(residual, out), out, relu_mask if save_relu_mask else out, *shared,
-        HAS_RESIDUAL=True, RELU=relu, SAVE_MASK=save_relu_mask, **flags)
+        in_layout(x, out.stride()), in_layout(residual, out.stride()), out, relu_mask if save_relu_mask else out,
+        *shared, HAS_RESIDUAL=True, RELU=relu, SAVE_MASK=save_relu_mask, **flags)
     return out, relu_mask
 
 
@@ -191,7 +186,7 @@ def _drop_path(x: Tensor, seed: Optional[Tensor], p: Tensor, training: bool, mod
         return out
     shared, flags = _launch_config(out, torch.promote_types(x.dtype, out.dtype), seed, p, training, mode,
                                    scale_by_keep)
-    x_dense = _in_layout_of(x, out)
+    x_dense = in_layout(x, out.stride())
     wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
         x_dense, x_dense, out, out, *shared, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
     return out

@@ -22,6 +22,12 @@ def check_bool(value, name: str) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def check_count(value, name: str) -> None:
+    """A non-negative Python int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
 def check_module(value, name: str, optional: bool = False) -> None:
     if not (isinstance(value, torch.nn.Module) or (optional and value is None)):
         allowed = "a torch.nn.Module or None" if optional else "a torch.nn.Module"

@@ -75,7 +75,7 @@ void for_each_row_run(const Tensor& dense, RunFn run_fn) {
   if (numel == 0) return;
   const int64_t batch = dense.size(0);
   const int64_t run = run_length_of(dense);
-  const int64_t groups_per_run = (run + kMaskGroup - 1) / kMaskGroup;
+  const int64_t groups_per_run = mask_bytes_per_run(run);
   at::parallel_for(0, numel / run * groups_per_run, kGrainSize / kMaskGroup, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end;) {
       const int64_t run_index = group / groups_per_run;
@@ -107,6 +107,13 @@ void add_run(const x_t* __restrict__ x, const r_t* __restrict__ r, out_t* __rest
 // One mask byte: bit k = relu_passes(v[k]) for 8 values. SSE2 (every x86-64) compares and
 // gathers the sign bits 4 floats / 2 doubles at a time; the compiler does not find that itself
 // (scalar bit assembly made the forward ~2x slower here).
+template <typename acc_t>
+inline uint8_t relu_mask_byte_portable(const acc_t* v) {
+  uint8_t bits = 0;
+  for (int k = 0; k < kMaskGroup; ++k) bits |= static_cast<uint8_t>(relu_passes(v[k])) << k;
+  return bits;
+}
+
 inline uint8_t relu_mask_byte(const float* v) {
 #if defined(__SSE2__)
   const __m128 zero = _mm_setzero_ps();  // cmpnle is !(v <= 0): NaN passes, as relu_passes
@@ -114,9 +121,7 @@ inline uint8_t relu_mask_byte(const float* v) {
   const int high = _mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(v + 4), zero));
   return static_cast<uint8_t>(low | high << 4);
 #else
-  uint8_t bits = 0;
-  for (int k = 0; k < kMaskGroup; ++k) bits |= static_cast<uint8_t>(relu_passes(v[k])) << k;
-  return bits;
+  return relu_mask_byte_portable(v);
 #endif
 }
 
@@ -127,9 +132,7 @@ inline uint8_t relu_mask_byte(const double* v) {
   for (int k = 0; k < kMaskGroup; k += 2) bits |= _mm_movemask_pd(_mm_cmpnle_pd(_mm_loadu_pd(v + k), zero)) << k;
   return static_cast<uint8_t>(bits);
 #else
-  uint8_t bits = 0;
-  for (int k = 0; k < kMaskGroup; ++k) bits |= static_cast<uint8_t>(relu_passes(v[k])) << k;
-  return bits;
+  return relu_mask_byte_portable(v);
 #endif
 }
 

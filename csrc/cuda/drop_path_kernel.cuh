@@ -95,6 +95,18 @@ constexpr int unit_packs() {
   return Op::kUsesMask ? static_cast<int>(kMaskGroup) / N : 1;
 }
 
+// Units a thread handles per chunk (kUnroll packs' worth, at least one unit), and the elements of a
+// chunk of one block.
+template <int N, typename Op>
+constexpr int chunk_units() {
+  return kUnroll / unit_packs<N, Op>() > 0 ? kUnroll / unit_packs<N, Op>() : 1;
+}
+
+template <int N, typename Op>
+constexpr int64_t chunk_elements() {
+  return static_cast<int64_t>(kThreads) * chunk_units<N, Op>() * unit_packs<N, Op>() * N;
+}
+
 // How the output's memory splits into runs and chunks (host-computed, one per launch).
 struct Geometry {
   int64_t numel;
@@ -173,8 +185,8 @@ __device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, co
     return;
   }
   constexpr int kUnit = unit_packs<N, Op>();
-  constexpr int kUnits = kUnroll / kUnit > 0 ? kUnroll / kUnit : 1;
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnits * kUnit * N;
+  constexpr int kUnits = chunk_units<N, Op>();
+  constexpr int64_t kChunk = chunk_elements<N, Op>();
   const int64_t first_chunk = static_cast<int64_t>(blockIdx.x) * g.chunks_per_block;
   const int64_t last = first_chunk + g.chunks_per_block < g.chunks ? first_chunk + g.chunks_per_block : g.chunks;
   if (first_chunk >= last) return;
@@ -343,14 +355,12 @@ struct LaunchPlan {
 template <typename Op>
 LaunchPlan plan_launch(const Op& op, const Tensor& layout, int64_t max_blocks) {
   constexpr int N = Op::kPack;
-  constexpr int kUnit = unit_packs<N, Op>();
-  constexpr int kUnits = kUnroll / kUnit > 0 ? kUnroll / kUnit : 1;
-  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnits * kUnit * N;
+  constexpr int64_t kChunk = chunk_elements<N, Op>();
   Geometry g{};
   g.numel = layout.numel();
   g.batch = layout.size(0);
   g.run_length = run_length_of(layout);
-  g.mask_bytes_per_run = (g.run_length + kMaskGroup - 1) / kMaskGroup;
+  g.mask_bytes_per_run = mask_bytes_per_run(g.run_length);
   const int64_t runs = g.numel / g.run_length;
   g.element_mode = g.run_length < static_cast<int64_t>(kThreads) * N;
   int64_t blocks;
