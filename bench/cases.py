@@ -49,16 +49,19 @@ class Case:
 
 def case_grid(device_type: str, *, batch: int | None = None, quick: bool = False,
               tensors: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-              probabilities: tuple[float, ...] | None = None) -> list[Case]:
+              probabilities: tuple[float, ...] | None = None, activations: tuple[str, ...] | None = None,
+              tensor_dtypes: tuple[tuple[str, str], ...] | None = None) -> list[Case]:
     """Every tensor x dtype x p x activation for ``device_type`` (``quick``: two tensors, fp32,
-    p=0.1, ReLU; the keywords narrow it), grouped so that cases sharing a tensor are adjacent."""
+    p=0.1, ReLU; the keywords narrow it; ``tensor_dtypes``: these (tensor, dtype) pairs instead of
+    the tensor x dtype product), grouped so that cases sharing a tensor are adjacent."""
     batch = batch or BATCH[device_type]
     labels = tensors or (QUICK_TENSORS if quick else tuple(MODEL_TENSORS))
     dtypes = dtypes or (("float32",) if quick else DTYPES[device_type])
+    pairs = tensor_dtypes or tuple((label, dtype) for label in labels for dtype in dtypes)
     probabilities = probabilities or ((0.1,) if quick else PROBABILITIES)
-    activations = ("relu",) if quick else ACTIVATIONS
+    activations = activations or (("relu",) if quick else ACTIVATIONS)
     return [Case(label, (batch, *MODEL_TENSORS[label]), dtype, p, activation)
-            for label in labels for dtype in dtypes for activation in activations for p in probabilities]
+            for label, dtype in pairs for activation in activations for p in probabilities]
 
 
 def minimal_bytes(pass_name: str, case: Case) -> float:

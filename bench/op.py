@@ -43,12 +43,28 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, help="batch of every tensor (default: per device, bench/cases.py)")
     parser.add_argument("--tensor", nargs="+", choices=list(cases.MODEL_TENSORS), help="tensors to run")
     parser.add_argument("--dtype", nargs="+", choices=sorted(cases.ELEMENT_BYTES), help="dtypes to run")
+    parser.add_argument("--case", nargs="+", type=tensor_dtype, metavar="TENSOR:DTYPE",
+                        help="(tensor, dtype) pairs to run instead of --tensor x --dtype, e.g. 'ViT-B/16 tokens:bfloat16'")
     parser.add_argument("--p", type=float, nargs="+", help="drop probabilities to run")
+    parser.add_argument("--activation", nargs="+", choices=cases.ACTIVATIONS, help="activations to run")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, help="passes to time (default: all)")
     parser.add_argument("--backend", nargs="+", help="this package's backends to run (default: every kernel)")
     parser.add_argument("--samples", type=int, help="samples per measurement (default: 10 on a CPU, 7 on a GPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results (tables, plots beside)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.case and (args.tensor or args.dtype):
+        parser.error("--case replaces --tensor and --dtype: give one or the other")
+    return args
+
+
+def tensor_dtype(text: str) -> tuple[str, str]:
+    """'TENSOR:DTYPE' -> (tensor, dtype), both checked against the benchmark's tensors and dtypes."""
+    label, _, dtype = text.rpartition(":")
+    if label not in cases.MODEL_TENSORS or dtype not in cases.ELEMENT_BYTES:
+        raise argparse.ArgumentTypeError(f"expected TENSOR:DTYPE with TENSOR in {list(cases.MODEL_TENSORS)} and "
+                                         f"DTYPE in {sorted(cases.ELEMENT_BYTES)}, got {text!r}")
+    return label, dtype
 
 
 def device_name(device: torch.device) -> str:
@@ -138,22 +154,26 @@ class TensorBench:
         return {"buffers": len(self.sets), "copy": timed["copy"],
                 "allocation_ms": max(timed["clone"]["median_ms"] - timed["copy"]["median_ms"], 0.0)}
 
-    def case(self, fns: dict, device_time: bool) -> dict:
-        """Pass -> implementation -> timing, for the implementations ``fns`` of one case (with each
-        call's device time on CUDA if ``device_time``)."""
-        inputs = [(x, r) for x, r, _ in self.sets]
-        with torch.no_grad():
-            timed = {"forward": self._measure({name: _rotating(fn, inputs) for name, fn in fns.items()}, device_time)}
+    def case(self, fns: dict, device_time: bool, passes: tuple[str, ...] = PASSES) -> dict:
+        """Pass -> implementation -> timing, for the implementations ``fns`` of one case and the
+        ``passes`` asked for (with each call's device time on CUDA if ``device_time``)."""
+        timed = {}
+        if "forward" in passes:
+            inputs = [(x, r) for x, r, _ in self.sets]
+            with torch.no_grad():
+                timed["forward"] = self._measure({name: _rotating(fn, inputs) for name, fn in fns.items()}, device_time)
 
         def backward_of(fn):
             graphs = [(fn(x, r), x, r, g) for x, r, g in self.sets]
             return _rotating(lambda out, x, r, g: torch.autograd.grad(out, (x, r), g, retain_graph=True), graphs)
 
-        timed["backward"] = self._measure(_replayable({name: backward_of(fn) for name, fn in fns.items()}),
-                                          device_time)
-        timed["forward+backward"] = self._measure({
-            name: _rotating(lambda x, r, g, fn=fn: torch.autograd.grad(fn(x, r), (x, r), g), self.sets)
-            for name, fn in fns.items()}, device_time)
+        if "backward" in passes:
+            timed["backward"] = self._measure(_replayable({name: backward_of(fn) for name, fn in fns.items()}),
+                                              device_time)
+        if "forward+backward" in passes:
+            timed["forward+backward"] = self._measure({
+                name: _rotating(lambda x, r, g, fn=fn: torch.autograd.grad(fn(x, r), (x, r), g), self.sets)
+                for name, fn in fns.items()}, device_time)
         return timed
 
 
@@ -183,7 +203,9 @@ def run(args) -> dict:
     grid = cases.case_grid(device.type, batch=args.batch, quick=args.quick,
                            tensors=tuple(args.tensor) if args.tensor else None,
                            dtypes=tuple(args.dtype) if args.dtype else None,
-                           probabilities=tuple(args.p) if args.p else None)
+                           probabilities=tuple(args.p) if args.p else None,
+                           activations=tuple(args.activation) if args.activation else None,
+                           tensor_dtypes=tuple(args.case) if args.case else None)
     samples = args.samples or (5 if args.quick else SAMPLES.get(device.type, 10))
     tensors, rows = [], []
     groups = itertools.groupby(grid, key=lambda case: (case.label, case.shape, case.dtype))
@@ -200,7 +222,8 @@ def run(args) -> dict:
                 fns = implementations(device, case.p, case.activation, with_compile=not args.no_compile,
                                       backends=args.backend)
                 # The profiler is slow to start: device times for the headline p only.
-                rows += rows_for(case, bench.case(fns, device_time=case.p == DEVICE_TIME_P), floor["copy"])
+                timed = bench.case(fns, device_time=case.p == DEVICE_TIME_P, passes=tuple(args.passes or PASSES))
+                rows += rows_for(case, timed, floor["copy"])
                 progress.update()
             del bench
     return {"benchmark": "op", **environment(device, args.command), "samples": samples,

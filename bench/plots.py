@@ -39,14 +39,15 @@ def _save(figure, result: dict, p: float, activation: str, path: Path) -> Path:
 
 def plot_bandwidth(result: dict, path: Path) -> Path:
     """GB/s (minimal bytes) against tensor MiB, one line per implementation, a subplot per dtype and
-    pass, the copy bandwidth dashed."""
+    measured pass, the copy bandwidth dashed."""
     p, activation = shown_setting(result)
     dtypes = _dtypes(result)
-    figure, axes = plt.subplots(len(dtypes), len(PASSES), figsize=(5 * len(PASSES), 3.6 * len(dtypes)),
+    passes = [name for name in PASSES if any(row["pass"] == name for row in result["rows"])]
+    figure, axes = plt.subplots(len(dtypes), len(passes), figsize=(5 * len(passes), 3.6 * len(dtypes)),
                                 squeeze=False, sharex=True)
     for i, dtype in enumerate(dtypes):
         copies = sorted((t["tensor_mib"], t["copy_gbps"]) for t in result["tensors"] if t["dtype"] == dtype)
-        for j, pass_name in enumerate(PASSES):
+        for j, pass_name in enumerate(passes):
             ax = axes[i][j]
             ax.plot(*zip(*copies), "k--", label="copy_ (floor)")
             rows = [row for row in result["rows"] if row["dtype"] == dtype and row["pass"] == pass_name

@@ -50,19 +50,20 @@ MIN_CALLS = {"cpu": 1, "cuda": 10}
 MAX_CALLS = 1000
 
 
-def _calls_per_sample(fn: Callable[[], object], device: torch.device, warmup: int) -> int:
+def _calls_per_sample(fn: Callable[[], object], device: torch.device, warmup: int, min_calls: int | None) -> int:
     sample = _sample_cuda if device.type == "cuda" else _sample_cpu
     seconds = min(sample(fn, 1) for _ in range(max(warmup, 1)))
     wanted = math.ceil(SAMPLE_SECONDS.get(device.type, 0.02) / max(seconds, 1e-9))
-    return max(MIN_CALLS.get(device.type, 1), min(MAX_CALLS, wanted))
+    return max(min_calls or MIN_CALLS.get(device.type, 1), min(MAX_CALLS, wanted))
 
 
 def measure_side_by_side(candidates: dict[str, Callable[[], object]], device: torch.device, *,
-                         warmup: int = 3, samples: int = 25) -> dict[str, Timing]:
+                         warmup: int = 3, samples: int = 25, min_calls: int | None = None) -> dict[str, Timing]:
     """Time of one call of each candidate: median, min and mean over ``samples`` samples taken
-    round-robin."""
+    round-robin. ``min_calls`` overrides the device's least calls per sample (a training step lasts
+    far longer than a sample needs: 1)."""
     sample = _sample_cuda if device.type == "cuda" else _sample_cpu
-    calls = {name: _calls_per_sample(fn, device, warmup) for name, fn in candidates.items()}
+    calls = {name: _calls_per_sample(fn, device, warmup, min_calls) for name, fn in candidates.items()}
     names = list(candidates)
     times = {name: [] for name in names}
     for round_index in range(samples):

@@ -37,12 +37,23 @@ from stochdepth_kernels.ops import eager_autograd, in_layout, register_drop_path
 from stochdepth_kernels.relu_mask import check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-# Autotuned per row length (the key): short rows want small blocks, long rows large ones. The
-# interpreter (CPU tests) runs one config: tuning there would only time numpy.
-BLOCK_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)] if INTERPRETING else [
-    triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))
-]
+AUTOTUNE_ENV = "STOCHDEPTH_TRITON_AUTOTUNE"
+# Autotuned per row length (the key): short rows want small blocks, long rows large ones.
+TUNED_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
+                 for block, warps in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))]
+
+
+def autotuning(environ=os.environ) -> bool:
+    """Whether the kernels tune over every config (``$STOCHDEPTH_TRITON_AUTOTUNE``, "1" by default) or
+    run the first. The tests set "0": each kernel variant then compiles once, not once per config
+    (most of the GPU suite's time on an H100). The interpreter never tunes: it would only time numpy."""
+    value = environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be '0' or '1', got {value!r}")
+    return value == "1" and environ.get("TRITON_INTERPRET") != "1"
+
+
+BLOCK_CONFIGS = TUNED_CONFIGS if autotuning() else TUNED_CONFIGS[:1]
 
 
 @triton.jit

@@ -43,3 +43,26 @@ def test_markdown_reports_each_model_row_and_the_block_saving():
     assert "ResNet-50:" in table
     assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 |" in table
     assert "expected share of FLOPs skipped 25.0%; the mean step time saved is 80% of that" in table
+
+
+def test_models_default_per_device_and_can_be_chosen(capsys):
+    assert models.DEFAULT_MODELS == {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
+    assert all(label in models.MODELS for labels in models.DEFAULT_MODELS.values() for label in labels)
+    assert models.DEFAULT_BATCH["cuda"] == (128, 224)
+    assert models.parse_args(["--model", "ViT-B/16"]).model == ["ViT-B/16"]
+    with pytest.raises(SystemExit):
+        models.parse_args(["--model", "ViT-H/14"])
+    assert "invalid choice: 'ViT-H/14'" in capsys.readouterr().err
+
+
+def test_a_training_step_is_one_call_per_sample(monkeypatch):
+    """A step lasts longer than a sample needs: min_calls=1 lifts the device's least calls per sample
+    (10 on a GPU, here set on the CPU)."""
+    import time
+
+    from bench import timing
+
+    monkeypatch.setitem(timing.MIN_CALLS, "cpu", 10)
+    step = lambda: time.sleep(timing.SAMPLE_SECONDS["cpu"])  # noqa: E731
+    assert timing._calls_per_sample(step, torch.device("cpu"), warmup=1, min_calls=None) == 10
+    assert timing._calls_per_sample(step, torch.device("cpu"), warmup=1, min_calls=1) == 1

@@ -147,3 +147,38 @@ def test_plots_show_p_0_1_relu_or_the_first_setting(tmp_path):
     assert shown_setting(_result(rows + [_row(EAGER, 4.0, p=0.1)])) == (0.1, "relu")
     assert plot_bandwidth(result, tmp_path / "b.png").stat().st_size > 0
     assert plot_speedups(result, tmp_path / "s.png").stat().st_size > 0
+
+
+def test_grid_of_chosen_tensor_dtype_pairs_and_activations():
+    grid = cases.case_grid("cuda", tensor_dtypes=(("ResNet-50 stage 1", "float32"), ("ViT-B/16 tokens", "bfloat16")),
+                           probabilities=(0.1,), activations=("relu",))
+    assert [(c.label, c.shape, c.dtype, c.p, c.activation) for c in grid] == [
+        ("ResNet-50 stage 1", (256, 256, 56, 56), "float32", 0.1, "relu"),
+        ("ViT-B/16 tokens", (256, 197, 768), "bfloat16", 0.1, "relu")]
+
+
+def test_case_option_reads_tensor_dtype_pairs_and_rejects_others(capsys):
+    args = op.parse_args(["--case", "ViT-B/16 tokens:bfloat16", "ResNet-50 stage 1:float32", "--pass", "forward"])
+    assert args.case == [("ViT-B/16 tokens", "bfloat16"), ("ResNet-50 stage 1", "float32")]
+    assert args.passes == ["forward"]
+    for bad in (["--case", "ViT-B/16 tokens:int8"], ["--case", "ViT-B/16 tokens"], ["--case", "ViT:float32"]):
+        with pytest.raises(SystemExit):
+            op.parse_args(bad)
+        assert f"expected TENSOR:DTYPE with TENSOR in {list(cases.MODEL_TENSORS)}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        op.parse_args(["--case", "ViT-B/16 tokens:float32", "--dtype", "bfloat16"])
+    assert "--case replaces --tensor and --dtype: give one or the other" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        op.parse_args(["--pass", "sideways"])
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_run_times_only_the_passes_asked_for():
+    args = op.parse_args(["--case", "ViT-B/16 tokens:float32", "--batch", "1", "--samples", "2", "--no-compile",
+                          "--backend", "cpu", "--p", "0.1", "--activation", "none", "--pass", "forward", "forward+backward"])
+    args.command = "test"
+    result = op.run(args)
+    report.check_op_schema(result)
+    assert {(row["label"], row["dtype"], row["activation"]) for row in result["rows"]} == {
+        ("ViT-B/16 tokens", "float32", "none")}
+    assert {row["pass"] for row in result["rows"]} == {"forward", "forward+backward"}

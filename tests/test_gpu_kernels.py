@@ -1,8 +1,16 @@
 """What every GPU kernel backend (Triton, CUDA) must pass on a GPU (marker ``cuda``): opcheck of its
 registered ops, a torch.compile(fullgraph=True) trace with a tensor p, a captured forward+backward
-replayed with fresh masks, and int64 indexing."""
+replayed with fresh masks, int64 indexing, and compute-sanitizer's memcheck and racecheck."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from helpers import assert_matches, kept_rows, random_tensor, registered_ops
 from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, relu_mask
@@ -83,3 +91,36 @@ def test_int64_indexing_past_2_31_elements(backend):
         assert_matches(out[:, tail], expected)
     del x, residual, out
     torch.cuda.empty_cache()
+
+
+# Every pack path of the CUDA kernel (chunked, 16-byte, unaligned, element by element) and, with ReLU
+# and requires_grad, the sign-mask write and the backward that reads it; a view for the unary op.
+SANITIZED_CALLS = """
+import sys, torch
+from stochdepth_kernels import drop_path, fused_drop_path_add
+backend = sys.argv[1]
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for shape in ((9, 1031), (5, 4096), (37, 3, 5, 7)):
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        r = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        for activation in (None, "relu"):
+            fused_drop_path_add(x, r, 0.5, activation=activation, backend=backend).sum().backward()
+        drop_path(x[:, 1:], 0.5, backend=backend).sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_is_clean(backend, tool):
+    sanitizer = shutil.which("compute-sanitizer") or str(Path(cpp_extension.CUDA_HOME or "/nonexistent")
+                                                           / "bin" / "compute-sanitizer")
+    if not Path(sanitizer).exists():
+        pytest.skip("compute-sanitizer is not installed")
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # each tensor its own allocation
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZED_CALLS,
+                             backend], capture_output=True, text=True, timeout=900, env=env)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-8000:]
+    # memcheck: "ERROR SUMMARY: 0 errors"; racecheck: "RACECHECK SUMMARY: 0 hazards displayed (0 errors, ...".
+    assert re.search(r"ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards displayed \(0 errors", report), report

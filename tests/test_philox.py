@@ -1,4 +1,6 @@
 """The reference Philox stream, pinned against Random123's known answers and Triton's own tl.rand."""
+import os
+
 import pytest
 import torch
 
@@ -34,7 +36,15 @@ def test_uniform_mapping_edges():
     assert (u >= 0).all() and (u < 1).all()
 
 
-def _triton_random(seed: int, counters: torch.Tensor):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def triton_device(request):
+    """Where Triton's own tl.rand runs: the interpreter on CPU tensors, the compiler on a GPU."""
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1 (set where there is no GPU)")
+    return request.param
+
+
+def _triton_random(seed: int, counters: torch.Tensor, device: str):
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")
 
@@ -47,7 +57,6 @@ def _triton_random(seed: int, counters: torch.Tensor):
         tl.store(uniform_ptr + offsets, tl.rand(seed, counter), mask=in_range)
         tl.store(bits_ptr + offsets, tl.randint(seed, counter), mask=in_range)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     counters = counters.to(device)
     uniform = torch.empty(counters.shape, dtype=torch.float32, device=device)
     bits = torch.empty(counters.shape, dtype=torch.int32, device=device)
@@ -58,9 +67,9 @@ def _triton_random(seed: int, counters: torch.Tensor):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("counter_start", [0, 2**32 - 100, 2**40 + 3])
-def test_reference_equals_triton_rand_bit_for_bit(seed, counter_start):
+def test_reference_equals_triton_rand_bit_for_bit(triton_device, seed, counter_start):
     counters = torch.arange(counter_start, counter_start + 300, dtype=torch.int64)
-    seed_t, counters, uniform, bits = _triton_random(seed, counters)
+    seed_t, counters, uniform, bits = _triton_random(seed, counters, triton_device)
     expected_uniform = reference.philox_uniform(seed_t, counters)
     assert torch.equal(uniform, expected_uniform)
     zero = torch.zeros_like(counters)

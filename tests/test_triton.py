@@ -1,5 +1,6 @@
 """What is particular to the Triton kernels, on CPU tensors under TRITON_INTERPRET=1 and on CUDA
-(marker ``cuda``): the batch-innermost layout, gradcheck, no hidden copies. The grid against the
+(marker ``cuda``): the batch-innermost layout, gradcheck, no hidden copies, every autotuning config
+(the tests run one: STOCHDEPTH_TRITON_AUTOTUNE=0, set in conftest.py). The grid against the
 reference is in test_kernels_match_reference.py, opcheck, compile and int64 indexing on a GPU in
 test_gpu_kernels.py."""
 import pytest
@@ -55,3 +56,19 @@ def test_dense_batch_outermost_inputs_are_not_copied(device, layout):
                                             torch.tensor(0.2, dtype=torch.float64, device=device),
                                             True, "row", True, True)
     assert not [name for name in recorded.names if "copy" in name or "clone" in name], recorded.names
+
+
+@pytest.mark.parametrize("config", range(len(triton_backend.TUNED_CONFIGS)))
+def test_every_autotune_config_matches_reference(device, config, monkeypatch):
+    """Each block size the autotuner may pick, forced: rows of two blocks and a partial one, a partial
+    last byte of the ReLU sign mask, forward and backward."""
+    chosen = [triton_backend.TUNED_CONFIGS[config]]
+    for kernel in (triton_backend._drop_path_add_forward_kernel, triton_backend._relu_backward_kernel):
+        monkeypatch.setattr(kernel, "configs", chosen)  # one config: the autotuner runs it without timing
+    x, residual = (random_tensor((3, 2 * 8192 + 13), device=device).requires_grad_() for _ in range(2))
+    out, expected = with_reference("triton", fused_drop_path_add, x, residual, 0.5, activation="relu", seed=5)
+    assert_matches(out, expected)
+    grad = random_tensor(out.shape, device=device)
+    for name, got, want in zip(("grad_x", "grad_residual"), torch.autograd.grad(out, (x, residual), grad),
+                               torch.autograd.grad(expected, (x, residual), grad)):
+        assert_matches(got, want, name)

@@ -251,6 +251,16 @@ def test_environment_override_is_validated(monkeypatch):
         fused_drop_path_add(X, R, 0.1)
 
 
+@pytest.mark.parametrize("environ, tunes", [({}, True), ({"STOCHDEPTH_TRITON_AUTOTUNE": "1"}, True),
+                                             ({"STOCHDEPTH_TRITON_AUTOTUNE": "0"}, False),
+                                             ({"TRITON_INTERPRET": "1"}, False)])
+def test_triton_autotuning_follows_its_environment_variable(environ, tunes):
+    triton_backend = pytest.importorskip("stochdepth_kernels.triton_backend")
+    assert triton_backend.autotuning(environ) is tunes
+    with pytest.raises(ValueError, match=re.escape("STOCHDEPTH_TRITON_AUTOTUNE must be '0' or '1', got 'yes'")):
+        triton_backend.autotuning({"STOCHDEPTH_TRITON_AUTOTUNE": "yes"})
+
+
 def test_native_op_rejects_bad_arguments_directly():
     ops = torch.ops.stochdepth
     p = torch.tensor(0.5, dtype=torch.float64)
