@@ -5,22 +5,27 @@ from torch import Tensor
 
 from stochdepth_kernels import validation
 from stochdepth_kernels.backends import available_backends, resolve_backend
+from stochdepth_kernels.ops import records_graph
 from stochdepth_kernels.seeding import call_seed
+from stochdepth_kernels.tracing import fx_leaf
 
 __all__ = ["available_backends", "drop_path", "fused_drop_path_add"]
 
 
-def _prepare_call(x: Tensor, p, training, mode, scale_by_keep, generator, seed, backend, size_bytes: int):
+def _prepare_call(x: Tensor, p, training, mode, scale_by_keep, generator, seed, backend, size_bytes: int,
+                  differentiable: bool):
     """What both public functions check and draw after their tensors: p as the ops' tensor, the
-    backend for ``size_bytes`` on x's device, and the call's seed (None when no coin is drawn)."""
+    backend for ``size_bytes`` on x's device, and the call's seed (None when no coin is drawn;
+    ``differentiable``: autograd records the call)."""
     p_tensor = validation.probability_tensor(p, x.device)
     validation.check_choice(mode, "mode", validation.MODES)
     validation.check_bool(training, "training")
     validation.check_bool(scale_by_keep, "scale_by_keep")
     impl = resolve_backend(backend, x.device, size_bytes)
-    return p_tensor, impl, call_seed(training, validation.is_zero(p), seed, generator, x.device)
+    return p_tensor, impl, call_seed(training, validation.is_zero(p), seed, generator, x.device, differentiable)
 
 
+@fx_leaf
 def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True, mode: str = "row",
                         scale_by_keep: bool = True, activation: str | None = None, generator=None,
                         seed=None, backend: str = "auto") -> Tensor:
@@ -38,10 +43,11 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     validation.check_pair(x, residual)
     validation.check_choice(activation, "activation", validation.ACTIVATIONS)
     p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
-                                           residual.numel() * residual.element_size())
+                                           residual.numel() * residual.element_size(), records_graph(x, residual))
     return impl.drop_path_add(x, residual, seed_t, p_tensor, training, mode, scale_by_keep, activation == "relu")
 
 
+@fx_leaf
 def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_by_keep: bool = True,
               generator=None, seed=None, backend: str = "auto") -> Tensor:
     """``mask_b * s * x``, the unary form for models that compute ``x + drop_path(f(x))``; the
@@ -50,7 +56,7 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     factor is 1 (eval or ``p == 0`` with ``scale_by_keep``)."""
     validation.check_input(x, "x")
     p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
-                                           x.numel() * x.element_size())
+                                           x.numel() * x.element_size(), records_graph(x))
     if seed_t is None and scale_by_keep:
         return x
     return impl.drop_path(x, seed_t, p_tensor, training, mode, scale_by_keep, None)

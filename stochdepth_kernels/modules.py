@@ -1,8 +1,9 @@
 """``nn.Module`` forms of the op, and torchvision's ``stochastic_depth`` function.
 
 Every module holds its drop probability as a non-persistent float64 buffer ``p``: it moves with
-the module, a compiled model reads it as a tensor (changing it never recompiles), and state dicts
-stay those of timm / torchvision. Set it through ``drop_prob`` (which also keeps the host's copy of
+the module (casts of the module leave it float64: a cast would change the rate), a compiled model
+reads it as a tensor (changing it never recompiles), and state dicts stay those of timm /
+torchvision. Set it through ``drop_prob`` (which also keeps the host's copy of
 the value that lets an eager call with ``p == 0`` skip the kernel).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from stochdepth_kernels import validation
 from stochdepth_kernels.functional import drop_path, fused_drop_path_add
 from stochdepth_kernels.reference import philox_uniform
 from stochdepth_kernels.seeding import draw_seed
+from stochdepth_kernels.tracing import capturing, fx_leaf
 
 __all__ = ["DropPath", "DropPathAdd", "StochasticDepth", "stochastic_depth"]
 
@@ -36,10 +38,26 @@ class _HasDropProbability(nn.Module):
         with torch.no_grad():
             self.p.fill_(self._drop_prob)
 
-    def _p(self):
-        """What the op gets: the host value while it is 0 in eager mode (no coin drawn, no kernel when
-        the factor is 1), else the buffer."""
-        return self.p if torch.compiler.is_compiling() or self._drop_prob != 0.0 else 0.0
+    def _p(self, x: Tensor):
+        """What the op gets for input ``x``: the buffer, always in a captured graph (torch.compile,
+        torch.fx), which must follow the rate; in eager mode the host value while it is 0, so that no
+        kernel runs where the factor is 1. A captured graph draws a seed at rate 0 too, so an eager
+        call in training draws (and drops) one as well: eager, compiled and traced models then take
+        the same seeds from the generator, and give the same masks."""
+        if capturing() or self._drop_prob != 0.0:
+            return self.p
+        if self.training and isinstance(x, Tensor):
+            draw_seed(x.device)
+        return 0.0
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``to``, ``half``, ``bfloat16``, ``type``, ``cuda`` ...), but the
+        buffer ``p`` stays float64 and exact: a cast would change the rate (0.9 in bfloat16 is 0.8984,
+        which scales kept rows by 9.85 instead of 10)."""
+        super()._apply(fn, recurse)
+        if self.p.dtype != torch.float64:
+            self.p = torch.full((), self._drop_prob, dtype=torch.float64, device=self.p.device)
+        return self
 
 
 class DropPath(_HasDropProbability):
@@ -58,7 +76,7 @@ class DropPath(_HasDropProbability):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        return drop_path(x, self._p(), mode=self.mode, scale_by_keep=self.scale_by_keep)
+        return drop_path(x, self._p(x), mode=self.mode, scale_by_keep=self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
@@ -95,16 +113,17 @@ class DropPathAdd(_HasDropProbability):
         self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return fused_drop_path_add(x, residual, self._p(), training=self.training, mode=self.mode,
+        return fused_drop_path_add(x, residual, self._p(x), training=self.training, mode=self.mode,
                                    scale_by_keep=self.scale_by_keep, activation=self.activation)
 
     def add_branch(self, branch: Callable[[], Tensor], residual: Tensor,
                    parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
         """``forward(branch(), residual)``, skipping ``branch`` (whose weights ``parameters()`` lists)
-        when its batch is dropped. Under torch.compile the branch always runs (a data-dependent skip
-        would break the graph) and the fused op drops it, drawing its coin from the device's
-        generator: the same masks as eager on the CPU, the same distribution on accelerators."""
-        if self.mode != "batch" or not self.training or torch.compiler.is_compiling() or self._drop_prob == 0.0:
+        when its batch is dropped. Under torch.compile or torch.fx the branch always runs (a
+        data-dependent skip would break the graph, or be frozen into it) and the fused op drops it,
+        drawing its coin from the device's generator: the same masks as eager on the CPU, the same
+        distribution on accelerators."""
+        if self.mode != "batch" or not self.training or capturing() or self._drop_prob == 0.0:
             return self(branch(), residual)
         keep = 1.0 - self._drop_prob
         seed = draw_seed(torch.device("cpu"))
@@ -154,6 +173,7 @@ class StochasticDepth(nn.Module):
         return f"p={round(self.drop_prob, 3):0.3f}, mode={self.drop.mode!r}"
 
 
+@fx_leaf
 def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
     """torchvision's ``torchvision.ops.stochastic_depth``: the same arguments, results in
     distribution and validation messages; the mask from this package's stream (:func:`drop_path`).

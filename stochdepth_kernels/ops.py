@@ -138,7 +138,7 @@ def _asking_for_relu_mask(add) -> Callable:
     autograd records the call and the backward needs the mask (some factor is not 1)."""
 
     def drop_path_add(x, residual, seed, p, training, mode, scale_by_keep, relu):
-        save = relu and _records_graph(x, residual) and not _factor_is_one(seed, training, scale_by_keep)
+        save = relu and records_graph(x, residual) and not _factor_is_one(seed, training, scale_by_keep)
         return add(x, residual, seed, p, training, mode, scale_by_keep, relu, save)[0]
 
     return drop_path_add
@@ -162,7 +162,7 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
     registered ops instead."""
 
     def unary(x, *args):  # backward runs it too: a double backward goes through unary_function
-        return unary_function.apply(x, *args) if _records_graph(x) else unary_impl(x, *args)
+        return unary_function.apply(x, *args) if records_graph(x) else unary_impl(x, *args)
 
     setup_add, backward_add, setup_unary, backward_unary = _autograd_rules(unary, relu_backward_impl)
 
@@ -181,12 +181,13 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
     unary_function = function("DropPathFunction", unary_impl, setup_unary, backward_unary)
 
     def add(x, residual, *args):
-        return add_function.apply(x, residual, *args) if _records_graph(x, residual) else add_impl(x, residual, *args)
+        return add_function.apply(x, residual, *args) if records_graph(x, residual) else add_impl(x, residual, *args)
 
     return _asking_for_relu_mask(add), unary
 
 
-def _records_graph(*inputs) -> bool:
+def records_graph(*inputs) -> bool:
+    """Whether autograd records a call on ``inputs``: a backward may follow."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 

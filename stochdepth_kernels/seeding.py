@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from stochdepth_kernels.validation import MAX_SEED, check_choice, check_generator, check_seed
 
@@ -99,20 +100,41 @@ def record_then_replay_masks(fn: Callable) -> Callable:
     return run
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+def _recompute_replaying_rng(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _drawn_once_per_forward(draw: Callable[[], Tensor]) -> Tensor:
+    """``draw()`` as torch.compile must run it: inside a selective-checkpoint region that marks it
+    for recomputation. That is what makes AOTAutograd's partitioner save the generator's state with
+    the forward and replay it wherever the backward recomputes the draw (its functionalize_rng_ops),
+    so the backward's seed is the forward's at every ``activation_memory_budget``. An unmarked draw
+    is recomputed from the generator's *current* state once the budget is below 1, and the backward
+    then uses other masks than the forward (silently wrong gradients; pytorch#190758)."""
+    policy = functools.partial(create_selective_checkpoint_contexts, _recompute_replaying_rng)
+    return checkpoint(draw, use_reentrant=False, context_fn=policy)
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None, *, for_backward: bool = False) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
     device's default generator) and made this rank's (:func:`set_seed_scope`), or replayed from the
-    active seed tape (:func:`same_masks_on_recompute`).
+    active seed tape (:func:`same_masks_on_recompute`). ``for_backward``: autograd records the call,
+    so a compiled backward must see this very seed (:func:`_drawn_once_per_forward`; a graph
+    without a backward refuses that marking).
     Drawing on the device keeps it inside CUDA graphs and visible to torch.compile;
-    ``torch.manual_seed`` reproduces it."""
+    ``torch.manual_seed`` reproduces it, compiled or not."""
     check_generator(generator, device)
 
     def draw() -> Tensor:
+        # generator= even when None: it traces as aten.randint.low_generator, which inductor leaves to
+        # ATen (its own RNG replaces aten.randint.low), so compiled code draws eager's seeds.
         seed = torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
         offset = _rank_offset()
         return seed.bitwise_xor_(offset) if offset else seed
 
-    tape = None if torch.compiler.is_compiling() else getattr(_active, "tape", None)
+    if torch.compiler.is_compiling():
+        return _drawn_once_per_forward(draw) if for_backward else draw()
+    tape = getattr(_active, "tape", None)
     return draw() if tape is None else tape.next_seed(draw)
 
 
@@ -124,9 +146,11 @@ def seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def call_seed(training: bool, p_is_zero: bool, seed, generator, device: torch.device) -> Tensor | None:
+def call_seed(training: bool, p_is_zero: bool, seed, generator, device: torch.device,
+              for_backward: bool) -> Tensor | None:
     """The seed of one call: None when no coin is drawn (eval, or p known to be 0), which leaves the
-    generator untouched; the given ``seed`` if any; else a fresh draw."""
+    generator untouched; the given ``seed`` if any; else a fresh draw (``for_backward``: autograd
+    records the call)."""
     if not training or p_is_zero:
         check_generator(generator, device)
         if seed is not None:
@@ -135,4 +159,4 @@ def call_seed(training: bool, p_is_zero: bool, seed, generator, device: torch.de
     if seed is not None:
         check_generator(generator, device)
         return seed_tensor(seed, device)
-    return draw_seed(device, generator)
+    return draw_seed(device, generator, for_backward=for_backward)

@@ -199,3 +199,57 @@ def test_compiled_module_draws_a_fresh_mask_per_call_and_matches_eager(make):
     module.train()
     compiled(*inputs)
     assert counter.frame_count == compiled_frames + 1  # and training is still cached
+
+
+CASTS = {"to(bfloat16)": (lambda m: m.to(torch.bfloat16), torch.bfloat16), "half()": (lambda m: m.half(), torch.float16),
+         "bfloat16()": (lambda m: m.bfloat16(), torch.bfloat16), "double()": (lambda m: m.double(), torch.float64),
+         "type(float16)": (lambda m: m.type(torch.float16), torch.float16),
+         "to(float64, cpu)": (lambda m: m.to(torch.device("cpu"), torch.float64), torch.float64)}
+MODULES = {"DropPath": lambda: DropPath(0.9), "DropPathAdd": lambda: DropPathAdd(0.9, activation="relu"),
+           "StochasticDepth": lambda: StochasticDepth(torch.nn.Linear(4, 4), 0.9)}
+
+
+def _unfused(module, x, p):
+    """What ``module`` computes at rate ``p`` (a Python float), from the functional op."""
+    if isinstance(module, DropPath):
+        return drop_path(x, p)
+    if isinstance(module, DropPathAdd):
+        return fused_drop_path_add(x, x, p, activation="relu")
+    return fused_drop_path_add(module.branch(x), x, p)
+
+
+def _call(module, x):
+    return module(x, x) if isinstance(module, DropPathAdd) else module(x)
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("name", MODULES)
+def test_casting_a_module_keeps_its_rate_and_scale_exact(name, cast):
+    """Module.to(dtype) and friends cast floating buffers; the rate buffer stays float64 and exact,
+    so kept rows are scaled by 1/(1 - 0.9) = 10 (not 9.875 as a bfloat16 0.9 gave)."""
+    apply_cast, dtype = CASTS[cast]
+    module = apply_cast(MODULES[name]())
+    rates = [buffer for name, buffer in module.named_buffers() if name.split(".")[-1] == "p"]
+    assert rates and all(rate.dtype == torch.float64 and float(rate) == 0.9 for rate in rates)
+    assert module.drop_prob == 0.9
+    x = random_tensor((256, 4), dtype)
+    torch.manual_seed(3)
+    out = _call(module, x)
+    torch.manual_seed(3)
+    assert_matches(out, _unfused(module, x, 0.9))
+    module.drop_prob = 0.5  # the setter fills the float64 buffer
+    assert all(float(rate) == 0.5 and rate.dtype == torch.float64 for rate in rates)
+
+
+def test_a_cast_module_compiles_once_for_every_rate():
+    module = DropPathAdd(0.9, activation="relu").to(torch.bfloat16)
+    x = random_tensor((64, 4), torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for p in (0.9, 0.5, 0.25):
+            module.drop_prob = p
+            torch.manual_seed(1)
+            out = compiled(x, x)
+            torch.manual_seed(1)
+            assert_matches(out, fused_drop_path_add(x, x, p, activation="relu"))

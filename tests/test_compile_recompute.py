@@ -1,0 +1,158 @@
+"""The seed a compiled forward draws is the one its backward uses, whatever the partitioner
+recomputes: torch.compile with an activation memory budget below 1, selective activation
+checkpointing that saves or recomputes the op, and a checkpointed block inside a compiled model.
+Each compiled run is checked against eager for one ``torch.manual_seed``: output and every gradient.
+(The Triton backend's compiled path runs in the GPU suite: the interpreter cannot trace.)"""
+import functools
+
+import pytest
+import torch
+import torch._functorch.config as functorch_config
+import torch.utils.checkpoint as checkpointing
+
+from helpers import kept_rows, random_tensor
+from stochdepth_kernels import DropPath, DropPathAdd, StochasticDepth, available_backends, drop_path, fused_drop_path_add
+
+BUDGETS = [1.0, 0.5, 0.05, 0.0]
+
+
+class Block(torch.nn.Module):
+    """A residual block whose branch (a linear layer and a tanh) is worth recomputing, with every way
+    a seed is drawn: the functional op, the fused-add module, a row-mode and a batch-mode
+    ``StochasticDepth``."""
+
+    def __init__(self, features: int = 16):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, features)
+        self.tail = DropPathAdd(0.5, activation="relu")
+        self.rows = StochasticDepth(torch.nn.Linear(features, features), 0.5)
+        self.batch = StochasticDepth(torch.nn.Linear(features, features), 0.5, mode="batch")
+
+    def forward(self, h):
+        h = self.tail(torch.tanh(self.linear(h)), h)
+        h = fused_drop_path_add(torch.tanh(h), h, 0.3) + drop_path(h, 0.2)
+        return self.batch(self.rows(h))
+
+
+def step(fn, inputs, parameters, seed):
+    """(output, gradient of every input and parameter) of one forward and backward from ``seed``."""
+    torch.manual_seed(seed)
+    out = fn(*inputs)
+    grad_out = torch.ones_like(out)
+    return [out, *torch.autograd.grad(out, [*inputs, *parameters], grad_out)]
+
+
+def assert_same_steps(compiled, eager, inputs, parameters, seeds=range(3)):
+    """Same output and gradients for each seed, up to 1e-5: compiled code reorders the float32
+    arithmetic around the op (the linear layers, tanh); a row given another mask differs by O(1)."""
+    for seed in seeds:
+        for got, want in zip(step(compiled, inputs, parameters, seed), step(eager, inputs, parameters, seed)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+KERNELS = [pytest.param(("cpu", "cpu"), id="cpu"),
+           pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+           pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compiled_with_a_memory_budget_gives_eager_masks_and_gradients(kernel, budget):
+    """Inductor, as training uses it: the partitioner may recompute the seed draw in the backward,
+    and must then draw the forward's seed again."""
+    backend, device = kernel
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} does not run on {device} here")
+    torch._dynamo.reset()
+    linear, h = torch.nn.Linear(16, 16, device=device), random_tensor((64, 16), device=device).requires_grad_()
+
+    def f(h):
+        return fused_drop_path_add(torch.tanh(linear(h)), h, 0.5, activation="relu", backend=backend)
+
+    with functorch_config.patch(activation_memory_budget=budget):
+        assert_same_steps(torch.compile(f, fullgraph=True), f, [h], list(linear.parameters()))
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_every_seed_of_a_block_survives_the_budget(budget):
+    """Every drawing path, through the partitioner that inductor uses (no code generation, so fast)."""
+    torch._dynamo.reset()
+    block, h = Block(), random_tensor((64, 16)).requires_grad_()
+    with functorch_config.patch(activation_memory_budget=budget):
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager_decomp_partition")
+        assert_same_steps(compiled, block, [h], list(block.parameters()), seeds=range(4))
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.0])
+def test_rows_without_gradient_are_the_rows_the_forward_dropped(budget):
+    torch._dynamo.reset()
+    x, h = (random_tensor((256, 16)).requires_grad_() for _ in range(2))
+
+    def f(x, h):
+        return fused_drop_path_add(torch.tanh(x), h, 0.5)
+
+    with functorch_config.patch(activation_memory_budget=budget):
+        compiled = torch.compile(f, fullgraph=True)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = compiled(x, h)
+            (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+            forward_kept = kept_rows(out - h.detach())  # a dropped row's output is exactly its residual
+            assert 0 < int(forward_kept.sum()) < 256
+            assert torch.equal(kept_rows(grad_x), forward_kept)
+
+
+def _policy(saved_op_names, ctx, op, *args, **kwargs):
+    if any(name in str(op) for name in saved_op_names):
+        return checkpointing.CheckpointPolicy.MUST_SAVE
+    return checkpointing.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Selective activation checkpointing that saves the fused op's output, or recomputes everything.
+POLICIES = {"saves the op": ("stochdepth",), "recomputes the op": ()}
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=list(POLICIES))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_selective_checkpointing_saving_or_recomputing_the_op(policy, compiled):
+    torch._dynamo.reset()
+    block, h = Block(), random_tensor((64, 16)).requires_grad_()
+    context_fn = functools.partial(checkpointing.create_selective_checkpoint_contexts,
+                                   functools.partial(_policy, POLICIES[policy]))
+
+    def checkpointed(h):
+        return checkpointing.checkpoint(block, h, use_reentrant=False, context_fn=context_fn)
+
+    run = torch.compile(checkpointed, fullgraph=True, backend="aot_eager_decomp_partition") if compiled else checkpointed
+    assert_same_steps(run, block, [h], list(block.parameters()), seeds=range(4))
+
+
+class Model(torch.nn.Module):
+    """Two blocks, the second under activation checkpointing, as a model is compiled whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(), Block()
+
+    def forward(self, h):
+        return checkpointing.checkpoint(self.second, self.first(h), use_reentrant=False)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.0])
+def test_checkpointed_block_inside_a_compiled_model(budget):
+    torch._dynamo.reset()
+    model, h = Model(), random_tensor((64, 16)).requires_grad_()
+    with functorch_config.patch(activation_memory_budget=budget):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager_decomp_partition")
+        assert_same_steps(compiled, model, [h], list(model.parameters()), seeds=range(4))
+
+
+def test_compiled_unary_module_with_a_budget():
+    torch._dynamo.reset()
+    linear, drop, h = torch.nn.Linear(16, 16), DropPath(0.5), random_tensor((64, 16)).requires_grad_()
+
+    def f(h):
+        return h + drop(torch.tanh(linear(h)))
+
+    with functorch_config.patch(activation_memory_budget=0.0):
+        assert_same_steps(torch.compile(f, fullgraph=True), f, [h], list(linear.parameters()))
