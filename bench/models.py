@@ -5,7 +5,7 @@ round-robin:
 - none: the model built with ``drop_path_rate=0``;
 - timm DropPath: built with ``drop_path_rate=SAMPLE_RATE`` (timm's linear schedule);
 - stochdepth sample-wise: the rate-0 model given the same per-block rates by
-  ``apply_stochastic_depth(..., convention="timm")`` (the fused add);
+  ``apply_drop_path`` (timm's convention; the fused add);
 - stochdepth block-wise: the same with ``drop_rate=BLOCK_RATE`` and ``stochastic_method="block"``,
   whose dropped blocks skip their branch's compute.
 
@@ -29,7 +29,7 @@ from bench.op import RESULTS, device_folder, environment
 from bench.report import write_results
 from bench.timing import measure_side_by_side
 from stochdepth_kernels import DropPathAdd
-from stochdepth_kernels.surgery import apply_stochastic_depth
+from stochdepth_kernels.surgery import apply_drop_path
 
 MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224"}
 DEFAULT_MODELS = {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
@@ -61,7 +61,7 @@ def build(model_name: str, image_size: int, device, stochastic: str | None = Non
     model = timm.create_model(model_name, drop_path_rate=rate, **options).to(device).train()
     if stochastic in (SAMPLE, BLOCK):
         method, rate = ("sample", SAMPLE_RATE) if stochastic == SAMPLE else ("block", BLOCK_RATE)
-        apply_stochastic_depth(model, stochastic_method=method, drop_rate=rate, convention="timm")
+        apply_drop_path(model, rate, stochastic_method=method)
     return model
 
 

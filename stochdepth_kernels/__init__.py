@@ -5,7 +5,17 @@ from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, s
 from stochdepth_kernels.schedules import DropRateWarmup, drop_path_rates
 from stochdepth_kernels.seeding import record_then_replay_masks, same_masks_on_recompute, set_seed_scope
 
-__all__ = ["DropPath", "DropPathAdd", "DropRateWarmup", "StochasticDepth", "available_backends", "drop_path",
-           "drop_path_rates", "fused_drop_path_add", "record_then_replay_masks", "same_masks_on_recompute",
-           "set_seed_scope", "stochastic_depth"]
+__all__ = ["DropPath", "DropPathAdd", "DropRateWarmup", "StochasticDepth", "apply_drop_path", "apply_stochastic_depth",
+           "available_backends", "drop_path", "drop_path_rates", "fused_drop_path_add", "record_then_replay_masks",
+           "same_masks_on_recompute", "set_seed_scope", "stochastic_depth"]
 __version__ = "0.1.0"
+_SURGERY = ("apply_drop_path", "apply_stochastic_depth")
+
+
+def __getattr__(name: str):
+    """The surgery functions, imported on first use: their module imports timm and torchvision."""
+    if name in _SURGERY:
+        from stochdepth_kernels import surgery
+
+        return getattr(surgery, name)
+    raise AttributeError(f"module 'stochdepth_kernels' has no attribute {name!r}")

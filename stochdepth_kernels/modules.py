@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from stochdepth_kernels import validation
 from stochdepth_kernels.functional import drop_path, fused_drop_path_add
+from stochdepth_kernels.ops import records_graph
 from stochdepth_kernels.reference import philox_uniform
 from stochdepth_kernels.seeding import draw_seed
 from stochdepth_kernels.tracing import capturing, fx_leaf
@@ -27,6 +28,7 @@ class _HasDropProbability(nn.Module):
         super().__init__()
         self.register_buffer("p", torch.zeros((), dtype=torch.float64), persistent=False)
         self.drop_prob = p
+        self.seed_scope: str | None = None  # None: set_seed_scope's; "rank" or "global" for this module
 
     @property
     def drop_prob(self) -> float:
@@ -38,17 +40,22 @@ class _HasDropProbability(nn.Module):
         with torch.no_grad():
             self.p.fill_(self._drop_prob)
 
-    def _p(self, x: Tensor):
-        """What the op gets for input ``x``: the buffer, always in a captured graph (torch.compile,
-        torch.fx), which must follow the rate; in eager mode the host value while it is 0, so that no
-        kernel runs where the factor is 1. A captured graph draws a seed at rate 0 too, so an eager
-        call in training draws (and drops) one as well: eager, compiled and traced models then take
-        the same seeds from the generator, and give the same masks."""
+    def _rate_and_seed(self, x: Tensor, *inputs: Tensor) -> tuple:
+        """``(p, seed)`` for the op on ``x`` (``inputs``: the op's tensors). ``p`` is the buffer,
+        always in a captured graph (torch.compile, torch.fx), which must follow the rate; in eager
+        mode the host value while it is 0, so that no kernel runs where the factor is 1. ``seed`` is
+        None (the op draws it) unless the module has its own ``seed_scope`` (surgery's
+        ``use_same_gpu_seed``). A captured graph draws a seed at rate 0 too, so an eager call in
+        training draws (and drops) one as well: eager, compiled and traced models then take the same
+        seeds from the generator, and give the same masks."""
+        drawing = self.training and isinstance(x, Tensor)
         if capturing() or self._drop_prob != 0.0:
-            return self.p
-        if self.training and isinstance(x, Tensor):
-            draw_seed(x.device)
-        return 0.0
+            if drawing and self.seed_scope is not None:
+                return self.p, draw_seed(x.device, scope=self.seed_scope, for_backward=records_graph(*inputs))
+            return self.p, None
+        if drawing:
+            draw_seed(x.device, scope=self.seed_scope)
+        return 0.0, None
 
     def _apply(self, fn, recurse=True):
         """As ``nn.Module._apply`` (``to``, ``half``, ``bfloat16``, ``type``, ``cuda`` ...), but the
@@ -76,7 +83,8 @@ class DropPath(_HasDropProbability):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        return drop_path(x, self._p(x), mode=self.mode, scale_by_keep=self.scale_by_keep)
+        p, seed = self._rate_and_seed(x, x)
+        return drop_path(x, p, mode=self.mode, scale_by_keep=self.scale_by_keep, seed=seed)
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
@@ -113,8 +121,9 @@ class DropPathAdd(_HasDropProbability):
         self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return fused_drop_path_add(x, residual, self._p(x), training=self.training, mode=self.mode,
-                                   scale_by_keep=self.scale_by_keep, activation=self.activation)
+        p, seed = self._rate_and_seed(x, x, residual)
+        return fused_drop_path_add(x, residual, p, training=self.training, mode=self.mode,
+                                   scale_by_keep=self.scale_by_keep, activation=self.activation, seed=seed)
 
     def add_branch(self, branch: Callable[[], Tensor], residual: Tensor,
                    parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
@@ -126,7 +135,7 @@ class DropPathAdd(_HasDropProbability):
         if self.mode != "batch" or not self.training or capturing() or self._drop_prob == 0.0:
             return self(branch(), residual)
         keep = 1.0 - self._drop_prob
-        seed = draw_seed(torch.device("cpu"))
+        seed = draw_seed(torch.device("cpu"), scope=self.seed_scope)
         if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
             x = branch()
             validation.check_pair(x, residual)  # as the fused op would: no broadcasting

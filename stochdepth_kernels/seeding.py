@@ -28,10 +28,11 @@ def set_seed_scope(scope: str) -> None:
     _seed_scope = scope
 
 
-def _rank_offset() -> int:
+def _rank_offset(scope: str | None = None) -> int:
     """What a drawn seed is XORed with on this rank: 0 outside torch.distributed, on rank 0, or with
-    the "global" scope; below 2**62, so the seed stays in [0, 2**63)."""
-    if _seed_scope != "rank" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    the "global" scope (``scope``, else :func:`set_seed_scope`'s); below 2**62, so the seed stays in
+    [0, 2**63)."""
+    if (scope or _seed_scope) != "rank" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return 0
     return (torch.distributed.get_rank() * _RANK_MIX) % 2**64 >> 2
 
@@ -115,9 +116,10 @@ def _drawn_once_per_forward(draw: Callable[[], Tensor]) -> Tensor:
     return checkpoint(draw, use_reentrant=False, context_fn=policy)
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None = None, *, for_backward: bool = False) -> Tensor:
+def draw_seed(device: torch.device, generator: torch.Generator | None = None, *, for_backward: bool = False,
+              scope: str | None = None) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
-    device's default generator) and made this rank's (:func:`set_seed_scope`), or replayed from the
+    device's default generator) and made this rank's (``scope``, else :func:`set_seed_scope`'s), or replayed from the
     active seed tape (:func:`same_masks_on_recompute`). ``for_backward``: autograd records the call,
     so a compiled backward must see this very seed (:func:`_drawn_once_per_forward`; a graph
     without a backward refuses that marking).
@@ -129,7 +131,7 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None, *,
         # generator= even when None: it traces as aten.randint.low_generator, which inductor leaves to
         # ATen (its own RNG replaces aten.randint.low), so compiled code draws eager's seeds.
         seed = torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
-        offset = _rank_offset()
+        offset = _rank_offset(scope)
         return seed.bitwise_xor_(offset) if offset else seed
 
     if torch.compiler.is_compiling():

@@ -1,9 +1,11 @@
 """Model surgery: stochastic depth on the residual blocks of torchvision and timm models.
 
-``apply_stochastic_depth`` takes Composer's keywords. Each matching block is changed in place: its
-class becomes a subclass whose forward ends in the fused ``act(shortcut + drop(branch))``
-(:class:`DropPathAdd`), its weights, parameter names and state-dict keys stay as they were, and
-eval outputs are bit-identical to the unmodified model (with ``scale_by_keep=True``, the default).
+``apply_stochastic_depth`` is Composer's function (its keywords, defaults and semantics: block-wise,
+no training-time scaling, eval x (1 - p)); ``apply_drop_path`` gives timm's ``drop_path_rate``
+(sample-wise, kept samples x 1/(1 - p), eval bit-identical to the unmodified model). Each matching
+block is changed in place: its class becomes a subclass whose forward ends in the fused
+``act(shortcut + drop(branch))`` (:class:`DropPathAdd`), its weights, parameter objects, names and
+state-dict keys stay as they were.
 With ``stochastic_method="block"`` a dropped batch skips the branch's compute; shortcuts always run
 (the paper drops only the branch).
 
@@ -26,7 +28,7 @@ from stochdepth_kernels import validation
 from stochdepth_kernels.modules import DropPathAdd
 from stochdepth_kernels.schedules import CONVENTIONS, DISTRIBUTIONS, drop_path_rates
 
-__all__ = ["SurgeryReport", "apply_stochastic_depth", "register_block"]
+__all__ = ["SurgeryReport", "apply_drop_path", "apply_stochastic_depth", "register_block"]
 
 STOCHASTIC_METHODS = {"sample": "row", "block": "batch"}
 # Composer's target_layer_name for torchvision's Bottleneck.
@@ -35,10 +37,11 @@ ALIASES = {"ResNetBottleneck": "Bottleneck"}
 
 @dataclass
 class Settings:
-    """What an adapter applies to one block."""
+    """What an adapter applies to one block (``seed_scope``: its modules', None for the global one)."""
     rate: float
     mode: str
     scale_by_keep: bool
+    seed_scope: str | None = None
 
 
 # An adapter changes a block in place and returns how ("fused add", ...); a skip rule returns why a
@@ -80,22 +83,67 @@ def supported_block_names() -> list[str]:
     return sorted({cls.__name__ for cls in _ADAPTERS} | set(ALIASES))
 
 
-def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = None, stochastic_method: str = "sample",
-                           drop_rate: float = 0.2, drop_distribution: str = "linear", *,
-                           convention: str = "paper", scale_by_keep: bool = True) -> SurgeryReport:
-    """Gives every block of ``model`` of type ``target_layer_name`` (a class name, or Composer's
-    ``"ResNetBottleneck"``; None: every supported block type) stochastic depth. Blocks are numbered
-    in ``model.named_modules()`` order and get rates from :func:`drop_path_rates`
-    (``drop_distribution``, ``convention``: Composer's and the paper's ``(l + 1) / L * rate`` by
-    default, ``"timm"`` for linspace from 0). ``stochastic_method="sample"``: one coin per sample;
-    ``"block"``: one per batch, skipping the branch's compute where the block supports it."""
+def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = None, stochastic_method: str = "block",
+                           drop_rate: float = 0.2, drop_distribution: str = "linear", use_same_gpu_seed: bool = True,
+                           optimizers=None, *, convention: str = "paper", scale_by_keep: bool = False) -> SurgeryReport:
+    """Composer's ``apply_stochastic_depth``: its keywords, defaults and semantics. Every block of
+    ``model`` of type ``target_layer_name`` (a class name, or Composer's ``"ResNetBottleneck"``;
+    None: every supported block type) gets stochastic depth: ``"block"`` drops whole blocks for the
+    batch (a dropped block skips its branch's compute), ``"sample"`` drops samples; no training-time
+    scaling, eval outputs ``shortcut + (1 - p) * branch`` (``scale_by_keep=False``); rates
+    ``(l + 1) / L * drop_rate`` (``drop_distribution="linear"``; ``convention="timm"``: linspace
+    from 0). ``use_same_gpu_seed`` (block method): True drops the same blocks on every rank whose
+    generator is seeded alike, False lets ranks differ; no effect with ``"sample"``, as in Composer.
+    ``optimizers`` (one or a sequence): surgery keeps every ``Parameter`` object, so an optimizer
+    built before it trains the changed model; checked. For timm's defaults see
+    :func:`apply_drop_path`."""
+    validation.check_bool(use_same_gpu_seed, "use_same_gpu_seed")
+    held = _optimizer_parameters(optimizers)
+    before = {id(parameter) for parameter in model.parameters()} if isinstance(model, nn.Module) else set()
+    scope = ("global" if use_same_gpu_seed else "rank") if stochastic_method == "block" else None
+    report = _apply(model, target_layer_name, stochastic_method, drop_rate, drop_distribution, convention,
+                    scale_by_keep, scope)
+    if held and {id(parameter) for parameter in model.parameters()} != before:
+        raise RuntimeError("surgery replaced parameters of the model: the optimizers no longer train it")
+    return report
+
+
+def apply_drop_path(model: nn.Module, drop_path_rate: float = 0.1, *, target_layer_name: str | None = None,
+                    stochastic_method: str = "sample", drop_distribution: str = "linear", convention: str = "timm",
+                    scale_by_keep: bool = True) -> SurgeryReport:
+    """timm's ``drop_path_rate`` given to a built model: one coin per sample (``"block"``: per batch,
+    skipping dropped branches), kept samples scaled by ``1/(1 - p)`` (``scale_by_keep``) so eval
+    outputs are bit-identical to the model before surgery, rates linspace(0, drop_path_rate) over the
+    changed blocks (``convention="paper"``: ``(l + 1) / L * rate``). Blocks as in
+    :func:`apply_stochastic_depth`."""
+    return _apply(model, target_layer_name, stochastic_method, drop_path_rate, drop_distribution, convention,
+                  scale_by_keep, None, rate_name="drop_path_rate")
+
+
+def _optimizer_parameters(optimizers) -> list:
+    """The parameters ``optimizers`` (None, an optimizer, or a sequence of them) hold."""
+    if optimizers is None:
+        return []
+    group = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    if isinstance(group, (str, bytes)) or not isinstance(group, (list, tuple)) or \
+            not all(isinstance(o, torch.optim.Optimizer) for o in group):
+        raise TypeError(f"optimizers must be a torch.optim.Optimizer, a sequence of them or None, got {optimizers!r}")
+    return [parameter for optimizer in group for g in optimizer.param_groups for parameter in g["params"]]
+
+
+def _apply(model: nn.Module, target_layer_name: str | None, stochastic_method: str, drop_rate: float,
+           drop_distribution: str, convention: str, scale_by_keep: bool, seed_scope: str | None,
+           rate_name: str = "drop_rate") -> SurgeryReport:
+    """Checks every argument (the rate's called ``rate_name``), then changes each matching block
+    (numbered in ``model.named_modules()`` order, rates from :func:`drop_path_rates` over the blocks
+    that change) and reports it."""
     validation.check_module(model, "model")
     if target_layer_name is not None and not isinstance(target_layer_name, str):
         raise TypeError(f"target_layer_name must be a str or None, got {type(target_layer_name).__name__}")
     validation.check_choice(stochastic_method, "stochastic_method", list(STOCHASTIC_METHODS))
     validation.check_choice(drop_distribution, "drop_distribution", DISTRIBUTIONS)
     validation.check_choice(convention, "convention", CONVENTIONS)
-    validation.check_probability(drop_rate, "drop_rate")
+    validation.check_probability(drop_rate, rate_name)
     validation.check_bool(scale_by_keep, "scale_by_keep")  # before any block changes
     wanted = ALIASES.get(target_layer_name, target_layer_name)
     blocks = [(name, module) for name, module in model.named_modules()
@@ -112,8 +160,8 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
     kept = [(name, block) for name, block in blocks if name not in skipped]
     # The schedule runs over the blocks that get stochastic depth, in order.
     for (name, block), rate in zip(kept, drop_path_rates(len(kept), drop_rate, drop_distribution, convention)):
-        how = _adapter_for(block)[0](block, Settings(rate, STOCHASTIC_METHODS[stochastic_method], scale_by_keep))
-        report.changed.append((name, _block_name(block), rate, how))
+        settings = Settings(rate, STOCHASTIC_METHODS[stochastic_method], scale_by_keep, seed_scope)
+        report.changed.append((name, _block_name(block), rate, _adapter_for(block)[0](block, settings)))
     return report
 
 
@@ -241,6 +289,7 @@ def _fusing_adapter(*attributes: str, relu: Callable[[nn.Module], bool] = lambda
         for attribute in attributes:
             drop = DropPathAdd(settings.rate, activation=activation, mode=settings.mode,
                                scale_by_keep=settings.scale_by_keep)
+            drop.seed_scope = settings.seed_scope
             setattr(block, attribute, drop.train(block.training))
         block.__class__ = _FUSED_CLASSES[next(c for c in type(block).__mro__ if c in _FUSED_CLASSES)]
         act = "relu(" if activation else "("

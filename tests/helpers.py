@@ -98,11 +98,11 @@ def small_resnet(method: str = "sample") -> torch.nn.Module:
     given stochastic depth at rate 0.5 by surgery with ``method``."""
     import torchvision
 
-    from stochdepth_kernels.surgery import apply_stochastic_depth
+    from stochdepth_kernels.surgery import apply_drop_path
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4)
-    apply_stochastic_depth(model, stochastic_method=method, drop_rate=0.5)
+    apply_drop_path(model, 0.5, stochastic_method=method, convention="paper")
     return model
 
 

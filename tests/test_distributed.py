@@ -2,7 +2,8 @@
 ResNet rewritten by surgery trains in both methods under the default DDP settings
 (find_unused_parameters=False) and with static_graph=True, without a hang or an error, with
 parameters identical on every rank after every step; masks differ between ranks with the "rank"
-seed scope and agree with the "global" one."""
+seed scope and agree with the "global" one; Composer's use_same_gpu_seed drops the same blocks on
+every rank (True) or not (False)."""
 import datetime
 import os
 import socket
@@ -52,9 +53,38 @@ def _train(rank, port):
                         assert torch.equal(ranks[0], ranks[1]), (
                             f"parameters differ across ranks after step {step} ({scope}, {method}, "
                             f"static_graph={static_graph})")
+        set_seed_scope("rank")
+        for use_same_gpu_seed in (True, False):
+            dropped = _composer_block_drops(use_same_gpu_seed)
+            ranks = _gathered(dropped)
+            assert torch.equal(ranks[0], ranks[1]) == use_same_gpu_seed, f"use_same_gpu_seed={use_same_gpu_seed}"
     finally:
         set_seed_scope("rank")
         dist.destroy_process_group()
+
+
+def _composer_block_drops(use_same_gpu_seed: bool) -> torch.Tensor:
+    """Which blocks of a ResNet-18 under Composer's block method skip their branch in each of 8
+    steps (every rank seeded alike, uniform rate 0.5)."""
+    import torchvision
+
+    from stochdepth_kernels import apply_stochastic_depth
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    apply_stochastic_depth(model, "BasicBlock", drop_rate=0.5, drop_distribution="uniform",
+                           use_same_gpu_seed=use_same_gpu_seed)
+    blocks = [m for m in model.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    ran = []
+    for block in blocks:
+        block.conv1.register_forward_hook(lambda module, args, out: ran.append(module))
+    dropped = []
+    for _ in range(8):
+        ran.clear()
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+        dropped.append([block.conv1 not in ran for block in blocks])
+    return torch.tensor(dropped)
 
 
 def _free_port():

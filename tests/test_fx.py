@@ -10,7 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from helpers import assert_matches, random_tensor
 from stochdepth_kernels import DropPath, DropPathAdd, StochasticDepth, drop_path, fused_drop_path_add, stochastic_depth
-from stochdepth_kernels.surgery import apply_stochastic_depth
+from stochdepth_kernels.surgery import apply_drop_path
 
 
 class Functions(torch.nn.Module):
@@ -68,7 +68,7 @@ def test_traced_module_follows_a_changed_rate():
 def test_torchvision_feature_extraction_of_a_resnet_after_surgery(method):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4)
-    apply_stochastic_depth(model, stochastic_method=method, drop_rate=0.5)
+    apply_drop_path(model, 0.5, stochastic_method=method)
     train_names, eval_names = get_graph_node_names(model)
     assert any(name.startswith("layer2.") for name in train_names)
     assert any(name.startswith("layer2.") for name in eval_names)
@@ -94,7 +94,7 @@ def test_torchvision_feature_extraction_over_stochastic_depth():
 def test_timm_feature_extraction_of_a_vit_after_surgery():
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)
-    apply_stochastic_depth(vit, drop_rate=0.5, convention="timm")
+    apply_drop_path(vit, 0.5)
     extractor = timm.models.create_feature_extractor(vit, ["blocks.1"])
     x = torch.randn(2, 3, 32, 32)
     captured = {}

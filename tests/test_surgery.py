@@ -9,8 +9,9 @@ import timm
 import torch
 import torchvision
 
-from stochdepth_kernels import DropPath, DropPathAdd, drop_path_rates
-from stochdepth_kernels.surgery import apply_stochastic_depth, register_block
+import stochdepth_kernels
+from stochdepth_kernels import DropPath, DropPathAdd, DropRateWarmup, drop_path_rates
+from stochdepth_kernels.surgery import apply_drop_path, apply_stochastic_depth, register_block
 
 # name: (constructor, input shape, block type, blocks changed, blocks skipped)
 MODELS = {
@@ -38,7 +39,7 @@ def model_case(request):
     x = torch.randn(MODELS[name][1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference_output = model(x)
-    report = apply_stochastic_depth(model, drop_rate=0.3)
+    report = apply_drop_path(model, 0.3, convention="paper")
     return name, model, x, reference_output, report
 
 
@@ -106,7 +107,7 @@ def test_compiled_block_method_matches_eager(name):
     """Compiled, a block-wise block runs its branch and the fused op drops it (no graph break); on
     the CPU with eager's coin, so seeds 0-3 give both a dropped and a kept batch."""
     model = build(name)
-    report = apply_stochastic_depth(model, stochastic_method="block", drop_rate=0.5, convention="timm",
+    report = apply_drop_path(model, 0.5, stochastic_method="block", convention="timm",
                                     drop_distribution="uniform")
     assert_compiled_last_block_matches_eager(model, torch.randn(MODELS[name][1]), report, seeds=range(4))
 
@@ -117,7 +118,7 @@ def test_block_method_skips_branches_and_keeps_eval(name):
     x = torch.randn(MODELS[name][1])
     with torch.no_grad():
         expected = model(x)
-    report = apply_stochastic_depth(model, stochastic_method="block", drop_rate=0.5)
+    report = apply_drop_path(model, 0.5, stochastic_method="block", convention="paper")
     assert all("mode='batch'" in how and "skips the branch" in how for *_, how in report.changed)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
@@ -130,8 +131,7 @@ def test_block_method_skips_branches_and_keeps_eval(name):
 
 def test_composer_target_layer_name_and_timm_convention():
     model = build("resnet50")
-    report = apply_stochastic_depth(model, target_layer_name="ResNetBottleneck", drop_rate=0.2,
-                                    drop_distribution="linear", convention="timm")
+    report = apply_drop_path(model, 0.2, target_layer_name="ResNetBottleneck", drop_distribution="linear")
     assert report.rates() == drop_path_rates(16, 0.2)
     assert report.rates()[0] == 0.0  # timm's first block: rate 0, still rewritten
 
@@ -153,6 +153,86 @@ def test_registered_block_types_join():
 
     register_block(_MyBlock, adapter)
     model = torch.nn.Sequential(_MyBlock(), _MyBlock())
-    report = apply_stochastic_depth(model, "_MyBlock", drop_rate=0.4)
+    report = apply_drop_path(model, 0.4, target_layer_name="_MyBlock", convention="paper")
     assert report.changed == [("0", "_MyBlock", 0.2, "DropPath on drop"), ("1", "_MyBlock", 0.4, "DropPath on drop")]
     assert "_MyBlock" in str(report)
+
+
+def _bottleneck_branch(block, x):
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    return block.bn3(block.conv3(out))
+
+
+def _identity(block, x):
+    return x if block.downsample is None else block.downsample(x)
+
+
+@pytest.mark.parametrize("method", ["block", "sample"])
+def test_composer_documented_call_behaves_as_composer(method):
+    """Composer's call on ResNet-50: 16 Bottlenecks at (l + 1) / 16 * 0.2, no training-time scaling,
+    eval relu(identity + (1 - p) * branch); block-wise: a dropped block is relu(identity) for the
+    whole batch, a kept one relu(identity + branch)."""
+    model = build("resnet50")
+    arguments = {} if method == "block" else {"stochastic_method": "sample"}
+    report = stochdepth_kernels.apply_stochastic_depth(model, target_layer_name="ResNetBottleneck", **arguments)
+    assert len(report.changed) == 16 and report.rates() == pytest.approx([(l + 1) / 16 * 0.2 for l in range(16)])
+    block, rate = model.layer4[2], report.rates()[-1]
+    x = torch.randn(8, 2048, 2, 2).relu()
+    with torch.no_grad():
+        branch, identity = _bottleneck_branch(block, x), _identity(block, x)
+        assert_close_to(block(x), torch.relu(identity + (1 - rate) * branch))  # eval: x (1 - p)
+        block.train()
+        block.bn1.eval(), block.bn2.eval(), block.bn3.eval()  # the branch as in eval: comparable
+        outcomes = set()
+        for seed in range(40):
+            torch.manual_seed(seed)
+            out = block(x)
+            kept = (out != torch.relu(identity)).flatten(1).any(1)
+            assert_close_to(out[kept], torch.relu(identity + branch)[kept])  # no 1/(1-p)
+            assert torch.equal(out[~kept], torch.relu(identity)[~kept])
+            outcomes.add((bool(kept.all()), bool((~kept).all())))
+    expected = {(True, False), (False, True)} if method == "block" else None
+    if expected:
+        assert outcomes == expected  # the whole batch kept or dropped, both seen
+    else:
+        assert (False, False) in outcomes  # some samples kept, others dropped
+
+
+def assert_close_to(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_composer_drop_warmup_ramps_every_rate():
+    model = build("resnet50")
+    report = apply_stochastic_depth(model, "ResNetBottleneck")
+    warmup = DropRateWarmup.from_fraction(model, total_steps=100, drop_warmup=0.1)
+    rates = lambda: [m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)]  # noqa: E731
+    assert rates() == [0.0] * 16
+    for _ in range(5):
+        warmup.step()
+    assert rates() == pytest.approx([0.5 * rate for rate in report.rates()])
+    for _ in range(5):
+        warmup.step()
+    assert rates() == pytest.approx(report.rates())
+
+
+def test_an_optimizer_built_before_surgery_trains_the_changed_model():
+    model = build("resnet18").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    parameters = list(model.parameters())
+    apply_stochastic_depth(model, "BasicBlock", optimizers=optimizer)
+    apply_stochastic_depth(build("resnet18"), "BasicBlock", optimizers=[optimizer])  # a sequence too
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+    before = [p.detach().clone() for p in parameters]
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None)
+    assert sum(p.grad is not None for p in model.parameters()) > 0
+
+
+def test_both_surgery_functions_are_exported_at_the_top_level():
+    assert stochdepth_kernels.apply_stochastic_depth is apply_stochastic_depth
+    assert stochdepth_kernels.apply_drop_path is apply_drop_path
+    with pytest.raises(AttributeError, match="has no attribute 'apply_dropout'"):
+        stochdepth_kernels.apply_dropout  # noqa: B018

@@ -12,7 +12,7 @@ from stochdepth_kernels import (DropPath, DropPathAdd, DropRateWarmup, Stochasti
                                 drop_path_rates, fused_drop_path_add, record_then_replay_masks, set_seed_scope,
                                 stochastic_depth)
 from stochdepth_kernels.backends import BACKENDS
-from stochdepth_kernels.surgery import apply_stochastic_depth, register_block
+from stochdepth_kernels.surgery import apply_drop_path, apply_stochastic_depth, register_block
 
 X = random_tensor((4, 3))
 R = random_tensor((4, 3))
@@ -198,6 +198,21 @@ CALL_CASES = [
      "convention must be one of ['timm', 'paper'], got 'keras'"),
     ("surgery scale_by_keep", lambda: apply_stochastic_depth(torch.nn.Sequential(), scale_by_keep="no"), TypeError,
      "scale_by_keep must be a bool, got str"),
+    ("surgery use_same_gpu_seed", lambda: apply_stochastic_depth(torch.nn.Sequential(), use_same_gpu_seed="yes"),
+     TypeError, "use_same_gpu_seed must be a bool, got str"),
+    ("surgery optimizers", lambda: apply_stochastic_depth(torch.nn.Sequential(), optimizers="sgd"), TypeError,
+     "optimizers must be a torch.optim.Optimizer, a sequence of them or None, got 'sgd'"),
+    ("surgery optimizers items", lambda: apply_stochastic_depth(torch.nn.Sequential(), optimizers=[3]), TypeError,
+     "optimizers must be a torch.optim.Optimizer, a sequence of them or None, got [3]"),
+    ("apply_drop_path model", lambda: apply_drop_path("vit"), TypeError, "model must be a torch.nn.Module, got str"),
+    ("apply_drop_path rate", lambda: apply_drop_path(torch.nn.Sequential(), 1.5), ValueError,
+     "drop_path_rate must be a probability in [0, 1], got 1.5"),
+    ("apply_drop_path method", lambda: apply_drop_path(torch.nn.Sequential(), stochastic_method="rows"), ValueError,
+     "stochastic_method must be one of ['sample', 'block'], got 'rows'"),
+    ("apply_drop_path target", lambda: apply_drop_path(torch.nn.Sequential(), target_layer_name=1), TypeError,
+     "target_layer_name must be a str or None, got int"),
+    ("apply_drop_path scale_by_keep", lambda: apply_drop_path(torch.nn.Sequential(), scale_by_keep=1), TypeError,
+     "scale_by_keep must be a bool, got int"),
     ("register_block class", lambda: register_block("Block", lambda block, settings: ""), TypeError,
      "cls must be a class, got str"),
     ("register_block adapter", lambda: register_block(torch.nn.Linear, None), TypeError,
