@@ -90,18 +90,26 @@ class DropPath(_HasDropProbability):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
-class _ZeroGradients(torch.autograd.Function):
-    """Returns ``out``; gives each of ``params`` a zero gradient, so that a skipped branch's
-    parameters take part in backward (DistributedDataParallel needs no ``find_unused_parameters``)."""
+class _SkippedBranch(torch.autograd.Function):
+    """``act(residual)``, a new tensor (never a view of the block's input, which FSDP2 refuses), for a
+    block whose branch did not run; gives each of ``params`` a zero gradient, so that the skipped
+    branch's parameters take part in backward (DistributedDataParallel needs no
+    ``find_unused_parameters``)."""
 
     @staticmethod
-    def forward(ctx, out, *params):
+    def forward(ctx, residual, relu, *params):
+        out = torch.relu(residual) if relu else residual.clone()
+        ctx.relu = relu
+        ctx.save_for_backward(out if relu else None)
         ctx.params = [(p.shape, p.dtype, p.device) for p in params]
-        return out.view_as(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.params))
+        (out,) = ctx.saved_tensors
+        grad_residual = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
+        return (grad_residual, None,
+                *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.params))
 
 
 class DropPathAdd(_HasDropProbability):
@@ -143,9 +151,11 @@ class DropPathAdd(_HasDropProbability):
             out = torch.add(residual, x, alpha=1.0 / keep if self.scale_by_keep else 1.0)
             return out.relu_() if self.activation == "relu" else out
         validation.check_input(residual, "residual")
-        out = torch.relu(residual) if self.activation == "relu" else residual.clone()
+        relu = self.activation == "relu"
         trained = [p for p in parameters() if p.requires_grad]
-        return _ZeroGradients.apply(out, *trained) if trained and torch.is_grad_enabled() else out
+        if trained and torch.is_grad_enabled():
+            return _SkippedBranch.apply(residual, relu, *trained)
+        return torch.relu(residual) if relu else residual.clone()
 
     def extra_repr(self) -> str:
         return (f"p={round(self.drop_prob, 3):0.3f}, activation={self.activation!r}, mode={self.mode!r}, "

@@ -4,10 +4,13 @@ ResNet rewritten by surgery trains in both methods under the default DDP setting
 parameters identical on every rank after every step; masks differ between ranks with the "rank"
 seed scope and agree with the "global" one; Composer's use_same_gpu_seed drops the same blocks on
 every rank (True) or not (False)."""
+import copy
 import datetime
+import itertools
 import os
 import socket
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -93,13 +96,95 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ddp_trains_both_methods_with_identical_parameters_on_every_rank():
-    context = mp.start_processes(_train, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
+def _run_on_two_ranks(worker, what: str) -> None:
+    context = mp.start_processes(worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):  # raises the worker's exception, with its traceback
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"DDP training did not finish in {TIMEOUT_S} s (a hang)")
+            pytest.fail(f"{what} did not finish in {TIMEOUT_S} s (a hang)")
+
+
+@pytest.mark.slow
+def test_ddp_trains_both_methods_with_identical_parameters_on_every_rank():
+    _run_on_two_ranks(_train, "DDP training")
+
+
+LOCAL_BATCH = 2
+
+
+def _small_model(name: str, method: str) -> torch.nn.Module:
+    """A small ResNet or ViT (random weights, the same on every rank) after timm-style surgery."""
+    import timm
+    import torchvision
+
+    from stochdepth_kernels import apply_drop_path
+
+    torch.manual_seed(0)
+    if name == "resnet":
+        model = torchvision.models.resnet18(num_classes=4)
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4)
+    apply_drop_path(model, 0.5, stochastic_method=method, drop_distribution="uniform")
+    return model
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("WithStochasticDepth")]
+
+
+def _step_reference(model, optimizer, batch, seed: int) -> None:
+    """What two ranks do together, in one process: each half of ``batch`` through ``model`` with the
+    generator where that rank had it and that rank's seed mixing, the mean of the two losses."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = 0.0
+    for rank in range(WORLD):
+        torch.manual_seed(seed)
+        torch.randn(batch.shape)  # the rank drew the global batch first
+        with mock.patch.object(dist, "get_rank", return_value=rank):
+            loss = loss + model(batch[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]).square().mean() / WORLD
+    loss.backward()
+    optimizer.step()
+
+
+def _fsdp(rank, port):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    try:
+        for name, method, scope in itertools.product(("resnet", "vit"), ("sample", "block"), ("rank", "global")):
+            set_seed_scope(scope)
+            model = _small_model(name, method)
+            reference = copy.deepcopy(model)
+            for block in _blocks(model):
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+            for step in range(STEPS):
+                torch.manual_seed(100 + step)  # every rank alike: the global batch, then the masks' seeds
+                batch = torch.randn(WORLD * LOCAL_BATCH, 3, 32, 32)
+                optimizer.zero_grad(set_to_none=True)
+                model(batch[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]).square().mean().backward()
+                optimizer.step()
+                _step_reference(reference, reference_optimizer, batch, 100 + step)
+                for (key, sharded), expected in zip(model.named_parameters(), reference.parameters()):
+                    torch.testing.assert_close(sharded.full_tensor(), expected, rtol=1e-4, atol=1e-6,
+                                               msg=lambda m: f"{name} {method} {scope} step {step} {key}: {m}")
+    finally:
+        set_seed_scope("rank")
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_like_one_process_with_the_same_batch_and_masks():
+    """fully_shard on every block and the root, two ranks: a small ResNet and a small ViT, both
+    methods, both seed scopes (per-rank masks: ranks drop different blocks); after every step the
+    parameters equal one process running both ranks' halves with their masks."""
+    _run_on_two_ranks(_fsdp, "FSDP2 training")
 
