@@ -18,19 +18,20 @@ BUDGETS = [1.0, 0.5, 0.05, 0.0]
 
 class Block(torch.nn.Module):
     """A residual block whose branch (a linear layer and a tanh) is worth recomputing, with every way
-    a seed is drawn: the functional op, the fused-add module, a row-mode and a batch-mode
+    a seed is drawn: the functional op, DropPath, the fused-add module, a row-mode and a batch-mode
     ``StochasticDepth``."""
 
     def __init__(self, features: int = 16):
         super().__init__()
         self.linear = torch.nn.Linear(features, features)
         self.tail = DropPathAdd(0.5, activation="relu")
+        self.drop = DropPath(0.2)
         self.rows = StochasticDepth(torch.nn.Linear(features, features), 0.5)
         self.batch = StochasticDepth(torch.nn.Linear(features, features), 0.5, mode="batch")
 
     def forward(self, h):
         h = self.tail(torch.tanh(self.linear(h)), h)
-        h = fused_drop_path_add(torch.tanh(h), h, 0.3) + drop_path(h, 0.2)
+        h = fused_drop_path_add(torch.tanh(h), h, 0.3) + self.drop(h)
         return self.batch(self.rows(h))
 
 
@@ -56,8 +57,9 @@ KERNELS = [pytest.param(("cpu", "cpu"), id="cpu"),
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("unary", [False, True], ids=["fused", "unary"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_compiled_with_a_memory_budget_gives_eager_masks_and_gradients(kernel, budget):
+def test_compiled_with_a_memory_budget_gives_eager_masks_and_gradients(kernel, unary, budget):
     """Inductor, as training uses it: the partitioner may recompute the seed draw in the backward,
     and must then draw the forward's seed again."""
     backend, device = kernel
@@ -67,20 +69,34 @@ def test_compiled_with_a_memory_budget_gives_eager_masks_and_gradients(kernel, b
     linear, h = torch.nn.Linear(16, 16, device=device), random_tensor((64, 16), device=device).requires_grad_()
 
     def f(h):
+        if unary:
+            return h + drop_path(torch.tanh(linear(h)), 0.5, backend=backend)
         return fused_drop_path_add(torch.tanh(linear(h)), h, 0.5, activation="relu", backend=backend)
 
     with functorch_config.patch(activation_memory_budget=budget):
         assert_same_steps(torch.compile(f, fullgraph=True), f, [h], list(linear.parameters()))
 
 
+class Model(torch.nn.Module):
+    """Two blocks, the second under activation checkpointing, as a model is compiled whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(), Block()
+
+    def forward(self, h):
+        return checkpointing.checkpoint(self.second, self.first(h), use_reentrant=False)
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_every_seed_of_a_block_survives_the_budget(budget):
+@pytest.mark.parametrize("make", [Block, Model], ids=["block", "checkpointed block inside a model"])
+def test_every_seed_of_a_block_survives_the_budget(make, budget):
     """Every drawing path, through the partitioner that inductor uses (no code generation, so fast)."""
     torch._dynamo.reset()
-    block, h = Block(), random_tensor((64, 16)).requires_grad_()
+    module, h = make(), random_tensor((64, 16)).requires_grad_()
     with functorch_config.patch(activation_memory_budget=budget):
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager_decomp_partition")
-        assert_same_steps(compiled, block, [h], list(block.parameters()), seeds=range(4))
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager_decomp_partition")
+        assert_same_steps(compiled, module, [h], list(module.parameters()), seeds=range(4))
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.0])
@@ -125,34 +141,3 @@ def test_selective_checkpointing_saving_or_recomputing_the_op(policy, compiled):
 
     run = torch.compile(checkpointed, fullgraph=True, backend="aot_eager_decomp_partition") if compiled else checkpointed
     assert_same_steps(run, block, [h], list(block.parameters()), seeds=range(4))
-
-
-class Model(torch.nn.Module):
-    """Two blocks, the second under activation checkpointing, as a model is compiled whole."""
-
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = Block(), Block()
-
-    def forward(self, h):
-        return checkpointing.checkpoint(self.second, self.first(h), use_reentrant=False)
-
-
-@pytest.mark.parametrize("budget", [1.0, 0.0])
-def test_checkpointed_block_inside_a_compiled_model(budget):
-    torch._dynamo.reset()
-    model, h = Model(), random_tensor((64, 16)).requires_grad_()
-    with functorch_config.patch(activation_memory_budget=budget):
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager_decomp_partition")
-        assert_same_steps(compiled, model, [h], list(model.parameters()), seeds=range(4))
-
-
-def test_compiled_unary_module_with_a_budget():
-    torch._dynamo.reset()
-    linear, drop, h = torch.nn.Linear(16, 16), DropPath(0.5), random_tensor((64, 16)).requires_grad_()
-
-    def f(h):
-        return h + drop(torch.tanh(linear(h)))
-
-    with functorch_config.patch(activation_memory_budget=0.0):
-        assert_same_steps(torch.compile(f, fullgraph=True), f, [h], list(linear.parameters()))
