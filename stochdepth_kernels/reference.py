@@ -70,19 +70,19 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def row_factors(seed: Tensor | None, batch: int, p: Tensor, training: bool, mode: str,
                 scale_by_keep: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The factor multiplying x in each of ``batch`` rows (0 for a dropped row), in ``dtype``."""
-    p_value = float(p)
-    keep = 1.0 - p_value
-    if not (training and p_value > 0.0):
-        return torch.full((batch,), 1.0 if scale_by_keep else keep, dtype=dtype, device=device)
-    if seed is None:
-        raise ValueError("seed must be given when training with p > 0")
+    """The factor multiplying x in each of ``batch`` rows (0 for a dropped row), in ``dtype``. Tensor
+    arithmetic throughout (no host value of ``p``), so that torch.compile traces it."""
+    keep = 1.0 - p.to(device=device, dtype=torch.float64).reshape(())  # 1 - p in float64, as the contract says
+    if not training or seed is None:
+        if training and not torch.compiler.is_compiling() and float(p) > 0.0:
+            raise ValueError("seed must be given when training with p > 0")
+        return (torch.ones_like(keep) if scale_by_keep else keep).to(dtype).expand(batch).contiguous()
     counter = torch.arange(batch, dtype=torch.int64, device=device)
     if mode == "batch":
         counter = torch.zeros_like(counter)
-    kept = philox_uniform(seed.to(device), counter) < torch.tensor(keep, dtype=torch.float32)
-    kept_factor = 1.0 / keep if scale_by_keep and keep > 0.0 else 1.0
-    return torch.full((batch,), kept_factor, dtype=dtype, device=device).masked_fill(~kept, 0.0)
+    kept = philox_uniform(seed.to(device), counter) < keep.to(torch.float32)
+    kept_factor = torch.where(keep > 0.0, 1.0 / keep, 1.0) if scale_by_keep else torch.ones_like(keep)
+    return torch.where(kept, kept_factor, 0.0).to(dtype)
 
 
 def _broadcast_rows(factors: Tensor, like: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ def _broadcast_rows(factors: Tensor, like: Tensor) -> Tensor:
 def drop_path_add(x: Tensor, residual: Tensor, seed: Tensor | None, p: Tensor, training: bool,
                   mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
     """``act(residual + factor_b * x)``; a dropped row is exactly ``act(residual)``."""
-    out_dtype = torch.result_type(x, residual)
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)  # result_type of two tensors of one shape, traceable
     acc = _accumulate_dtype(out_dtype)
     factors = row_factors(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
     f = _broadcast_rows(factors, x)

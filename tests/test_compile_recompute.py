@@ -51,7 +51,7 @@ def assert_same_steps(compiled, eager, inputs, parameters, seeds=range(3)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-KERNELS = [pytest.param(("cpu", "cpu"), id="cpu"),
+KERNELS = [pytest.param(("cpu", "cpu"), id="cpu"), pytest.param(("reference", "cpu"), id="reference"),
            pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
            pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda)]
 
