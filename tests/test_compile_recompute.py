@@ -141,3 +141,19 @@ def test_selective_checkpointing_saving_or_recomputing_the_op(policy, compiled):
 
     run = torch.compile(checkpointed, fullgraph=True, backend="aot_eager_decomp_partition") if compiled else checkpointed
     assert_same_steps(run, block, [h], list(block.parameters()), seeds=range(4))
+
+
+@pytest.mark.parametrize("method", ["sample", "block"])
+def test_a_model_after_surgery_compiled_with_no_memory_budget(method):
+    import timm
+
+    from stochdepth_kernels import apply_drop_path
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4)
+    apply_drop_path(model, 0.5, stochastic_method=method, drop_distribution="uniform")
+    x = torch.randn(8, 3, 32, 32, requires_grad=True)
+    with functorch_config.patch(activation_memory_budget=0.0):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager_decomp_partition")
+        assert_same_steps(compiled, model, [x], list(model.parameters()), seeds=range(3))
