@@ -24,11 +24,12 @@ __all__ = ["DropPath", "DropPathAdd", "StochasticDepth", "stochastic_depth"]
 
 
 class _HasDropProbability(nn.Module):
+    seed_scope: str | None = None  # the seed scope of this module's draws; None: set_seed_scope's
+
     def __init__(self, p: float):
         super().__init__()
         self.register_buffer("p", torch.zeros((), dtype=torch.float64), persistent=False)
         self.drop_prob = p
-        self.seed_scope: str | None = None  # None: set_seed_scope's; "rank" or "global" for this module
 
     @property
     def drop_prob(self) -> float:
@@ -54,7 +55,7 @@ class _HasDropProbability(nn.Module):
                 return self.p, draw_seed(x.device, scope=self.seed_scope, for_backward=records_graph(*inputs))
             return self.p, None
         if drawing:
-            draw_seed(x.device, scope=self.seed_scope)
+            draw_seed(x.device)
         return 0.0, None
 
     def _apply(self, fn, recurse=True):

@@ -119,10 +119,10 @@ def _drawn_once_per_forward(draw: Callable[[], Tensor]) -> Tensor:
 def draw_seed(device: torch.device, generator: torch.Generator | None = None, *, for_backward: bool = False,
               scope: str | None = None) -> Tensor:
     """A 1-element int64 seed in [0, 2**63 - 1), drawn on ``device`` from ``generator`` (else the
-    device's default generator) and made this rank's (``scope``, else :func:`set_seed_scope`'s), or replayed from the
-    active seed tape (:func:`same_masks_on_recompute`). ``for_backward``: autograd records the call,
-    so a compiled backward must see this very seed (:func:`_drawn_once_per_forward`; a graph
-    without a backward refuses that marking).
+    device's default generator) and made this rank's (``scope``, else :func:`set_seed_scope`'s), or
+    replayed from the active seed tape (:func:`same_masks_on_recompute`). ``for_backward``: autograd
+    records the call, so a compiled backward must see this very seed
+    (:func:`_drawn_once_per_forward`; a graph without a backward refuses that marking).
     Drawing on the device keeps it inside CUDA graphs and visible to torch.compile;
     ``torch.manual_seed`` reproduces it, compiled or not."""
     check_generator(generator, device)
