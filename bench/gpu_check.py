@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ class Phase:
     argv: tuple[str, ...]
     pytest_args: tuple[str, ...] = ()
     min_tests: int = 0
-    outputs: tuple[str, ...] = field(default=())  # files it writes under $OUT
+    outputs: tuple[str, ...] = ()  # files it writes under $OUT
 
 
 def unverified_tests(path: Path = UNVERIFIED_TESTS) -> list[str]:

@@ -98,12 +98,13 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
     built before it trains the changed model; checked. For timm's defaults see
     :func:`apply_drop_path`."""
     validation.check_bool(use_same_gpu_seed, "use_same_gpu_seed")
-    held = _optimizer_parameters(optimizers)
-    before = {id(parameter) for parameter in model.parameters()} if isinstance(model, nn.Module) else set()
+    _check_optimizers(optimizers)
+    validation.check_module(model, "model")
+    before = {id(parameter) for parameter in model.parameters()}
     scope = ("global" if use_same_gpu_seed else "rank") if stochastic_method == "block" else None
     report = _apply(model, target_layer_name, stochastic_method, drop_rate, drop_distribution, convention,
                     scale_by_keep, scope)
-    if held and {id(parameter) for parameter in model.parameters()} != before:
+    if optimizers is not None and {id(parameter) for parameter in model.parameters()} != before:
         raise RuntimeError("surgery replaced parameters of the model: the optimizers no longer train it")
     return report
 
@@ -120,15 +121,12 @@ def apply_drop_path(model: nn.Module, drop_path_rate: float = 0.1, *, target_lay
                   scale_by_keep, None, rate_name="drop_path_rate")
 
 
-def _optimizer_parameters(optimizers) -> list:
-    """The parameters ``optimizers`` (None, an optimizer, or a sequence of them) hold."""
-    if optimizers is None:
-        return []
+def _check_optimizers(optimizers) -> None:
+    """None, an optimizer, or a list or tuple of them."""
     group = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
-    if isinstance(group, (str, bytes)) or not isinstance(group, (list, tuple)) or \
-            not all(isinstance(o, torch.optim.Optimizer) for o in group):
+    if group is not None and not (isinstance(group, (list, tuple))
+                                  and all(isinstance(o, torch.optim.Optimizer) for o in group)):
         raise TypeError(f"optimizers must be a torch.optim.Optimizer, a sequence of them or None, got {optimizers!r}")
-    return [parameter for optimizer in group for g in optimizer.param_groups for parameter in g["params"]]
 
 
 def _apply(model: nn.Module, target_layer_name: str | None, stochastic_method: str, drop_rate: float,
