@@ -1,32 +1,38 @@
 """End to end: a training step (forward, backward, SGD step) of timm's ResNet-50 and a ViT (ViT-S/16 on
-a CPU, ViT-B/16 on a GPU) with stochastic depth four ways, the candidates of one model timed
-round-robin:
+a CPU, ViT-B/16 on a GPU) with stochastic depth in every variant below, the candidates of one model
+timed round-robin:
 
 - none: the model built with ``drop_path_rate=0``;
-- timm DropPath: built with ``drop_path_rate=SAMPLE_RATE`` (timm's linear schedule);
-- stochdepth sample-wise: the rate-0 model given the same per-block rates by
-  ``apply_drop_path`` (timm's convention; the fused add);
-- stochdepth block-wise: the same with ``drop_rate=BLOCK_RATE`` and ``stochastic_method="block"``,
-  whose dropped blocks skip their branch's compute.
+- timm DropPath: built with ``drop_path_rate`` 0.1 and 0.4 (timm's linear schedule);
+- stochdepth sample-wise: the rate-0 model given the same per-block rates by ``apply_drop_path``
+  (timm's convention; the fused add), at 0.1;
+- stochdepth block-wise: the same with rate 0.5 and ``stochastic_method="block"``, whose dropped
+  blocks skip their branch's compute;
+- stochdepth subset: ``stochastic_method="subset"`` at 0.1 and 0.4, whose branches run on the kept
+  samples only;
+- DINOv2-style subset: the anchor to beat, the same blocks and the same number of kept samples in
+  pure PyTorch as DINOv2 writes it (``randperm``, ``index_select``, ``index_add(alpha=B/k)``;
+  bench/dinov2_subset.py).
 
-The block-wise saving is compared with what it can be: the expected share of the model's FLOPs
-that skipping removes, the sum over stochastic-depth modules of ``p * (FLOPs with the module's
-branch run - FLOPs with it skipped) / FLOPs`` (``torch.utils.flop_counter``, one forward per module;
-backward scales alike). Block-wise step times vary with the coins, so that comparison uses mean
+A skipping variant's saving is compared with what it can be: the expected share of the model's
+FLOPs that skipping removes, the sum over stochastic-depth modules of ``rate * (FLOPs with the
+module's branch run - FLOPs with it skipped) / FLOPs`` (``torch.utils.flop_counter``, one forward per
+module; backward scales alike), the rate being the module's effective one at the batch size (for the
+subset method ``1 - k/B``). Block-wise step times vary with the coins, so that comparison uses mean
 step times; the table shows medians too.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.op import RESULTS, device_folder, environment
-from bench.report import write_results
+from bench.cli import run_and_write
+from bench.dinov2_subset import use_dinov2_subset
+from bench.op import environment
 from bench.timing import measure_side_by_side
 from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
@@ -35,9 +41,26 @@ MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/1
 DEFAULT_MODELS = {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
 DEFAULT_BATCH = {"cpu": (8, 128), "cuda": (128, 224)}  # (batch, image size)
 QUICK_BATCH = (2, 64)
-SAMPLE_RATE, BLOCK_RATE = 0.1, 0.5
+SAMPLE_RATE, BLOCK_RATE, HIGH_RATE = 0.1, 0.5, 0.4
 NONE, TIMM = "no stochastic depth", f"timm DropPath, drop_path_rate {SAMPLE_RATE}"
+TIMM_HIGH = f"timm DropPath, drop_path_rate {HIGH_RATE}"
 SAMPLE, BLOCK = f"stochdepth sample-wise, {SAMPLE_RATE}", f"stochdepth block-wise, {BLOCK_RATE}"
+SUBSET, SUBSET_HIGH = f"stochdepth subset, {SAMPLE_RATE}", f"stochdepth subset, {HIGH_RATE}"
+DINOV2, DINOV2_HIGH = f"DINOv2-style subset, {SAMPLE_RATE}", f"DINOv2-style subset, {HIGH_RATE}"
+# name: (timm's drop_path_rate at build, surgery's stochastic_method or None, its rate, DINOv2 anchor)
+VARIANTS = {
+    NONE: (0.0, None, 0.0, False),
+    TIMM: (SAMPLE_RATE, None, 0.0, False),
+    TIMM_HIGH: (HIGH_RATE, None, 0.0, False),
+    SAMPLE: (0.0, "sample", SAMPLE_RATE, False),
+    BLOCK: (0.0, "block", BLOCK_RATE, False),
+    SUBSET: (0.0, "subset", SAMPLE_RATE, False),
+    SUBSET_HIGH: (0.0, "subset", HIGH_RATE, False),
+    DINOV2: (0.0, "subset", SAMPLE_RATE, True),
+    DINOV2_HIGH: (0.0, "subset", HIGH_RATE, True),
+}
+# The variants whose dropped work is skipped, and the variant whose modules give its expected share.
+SKIPPING = {BLOCK: BLOCK, SUBSET: SUBSET, SUBSET_HIGH: SUBSET_HIGH, DINOV2: SUBSET, DINOV2_HIGH: SUBSET_HIGH}
 
 
 def parse_args(argv=None):
@@ -53,15 +76,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build(model_name: str, image_size: int, device, stochastic: str | None = None):
-    """The model (same weights for every variant) with stochastic depth ``stochastic``."""
+def build(model_name: str, image_size: int, device, stochastic: str = NONE):
+    """The model (same weights for every variant) with stochastic depth ``stochastic`` (a VARIANTS name)."""
+    timm_rate, method, rate, dinov2 = VARIANTS[stochastic]
     torch.manual_seed(0)
     options = {"img_size": image_size} if model_name.startswith("vit") else {}
-    rate = SAMPLE_RATE if stochastic == TIMM else 0.0
-    model = timm.create_model(model_name, drop_path_rate=rate, **options).to(device).train()
-    if stochastic in (SAMPLE, BLOCK):
-        method, rate = ("sample", SAMPLE_RATE) if stochastic == SAMPLE else ("block", BLOCK_RATE)
+    model = timm.create_model(model_name, drop_path_rate=timm_rate, **options).to(device).train()
+    if method is not None:
         apply_drop_path(model, rate, stochastic_method=method)
+    if dinov2:
+        use_dinov2_subset(model)
     return model
 
 
@@ -71,16 +95,19 @@ def _forward_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
-def expected_skipped_fraction(model, x) -> float:
-    """Expected share of the forward FLOPs that block-wise dropping skips: each stochastic-depth
-    module's branch FLOPs (found by forcing it to drop) times its drop probability."""
+def expected_skipped_fraction(model, x, batch: int) -> float:
+    """Expected share of the forward FLOPs that skipping dropped work saves at batch ``batch``: each
+    stochastic-depth module's branch FLOPs (found by forcing it to drop, on ``x``) times its
+    effective drop rate at that batch."""
     rates = {m: m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)}
     for module in rates:
         module.drop_prob = 0.0
     total, skipped = _forward_flops(model, x), 0.0
     for module, rate in rates.items():
         module.drop_prob = 1.0
-        skipped += rate * (total - _forward_flops(model, x))
+        dropped_flops = total - _forward_flops(model, x)
+        module.drop_prob = rate
+        skipped += module.effective_drop_rate(batch) * dropped_flops
         module.drop_prob = 0.0
     for module, rate in rates.items():
         module.drop_prob = rate
@@ -88,7 +115,7 @@ def expected_skipped_fraction(model, x) -> float:
 
 
 def bench_model(model_name: str, x: torch.Tensor, samples: int) -> dict:
-    models = {name: build(model_name, x.shape[-1], x.device, name) for name in (NONE, TIMM, SAMPLE, BLOCK)}
+    models = {name: build(model_name, x.shape[-1], x.device, name) for name in VARIANTS}
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -100,13 +127,19 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int) -> dict:
 
         steps[name] = step
     timings = measure_side_by_side(steps, x.device, warmup=2, samples=samples, min_calls=1)
-    fraction = expected_skipped_fraction(models[BLOCK], x[:2])  # BatchNorm trains on 2 or more
+    # FLOPs counted on 2 samples (BatchNorm trains on 2 or more; FLOPs scale with the batch).
+    fractions = {name: expected_skipped_fraction(models[name], x[:2], x.shape[0])
+                 for name in set(SKIPPING.values())}
     none = timings[NONE]
-    rows = [{"name": name, "median_ms": t.median_s * 1e3, "mean_ms": t.mean_s * 1e3, "min_ms": t.min_s * 1e3,
-             "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1}
-            for name, t in timings.items()]
-    return {"expected_skipped_flops_fraction": fraction,
-            "block_saving_vs_expected": (1 - timings[BLOCK].mean_s / none.mean_s) / fraction, "rows": rows}
+    rows = []
+    for name, t in timings.items():
+        row = {"name": name, "median_ms": t.median_s * 1e3, "mean_ms": t.mean_s * 1e3, "min_ms": t.min_s * 1e3,
+               "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1}
+        if name in SKIPPING:
+            row["expected_skipped_flops_fraction"] = fractions[SKIPPING[name]]
+            row["saving_vs_expected"] = (1 - t.mean_s / none.mean_s) / fractions[SKIPPING[name]]
+        rows.append(row)
+    return {"rows": rows}
 
 
 def run(args) -> dict:
@@ -128,24 +161,19 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`; timm models, batch {result['batch']}, {result['image_size']}px, SGD; "
              f"{result['samples']} steps per candidate"]
     for label, model in result["models"].items():
-        lines += ["", f"{label}:", "", "| stochastic depth | median ms | vs none | mean ms | vs none | min ms |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"{label}:", "", "| stochastic depth | median ms | vs none | mean ms | vs none | min ms | "
+                  "expected FLOPs skipped | mean saving / expected |", "|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
+            skipped = (f"{100 * row['expected_skipped_flops_fraction']:.1f}% | {100 * row['saving_vs_expected']:.0f}%"
+                       if "saving_vs_expected" in row else " | ")
             lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {100 * row['change_vs_none']:+.1f}% | "
-                         f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} |")
-        lines += ["", f"Block-wise: expected share of FLOPs skipped {100 * model['expected_skipped_flops_fraction']:.1f}%; "
-                      f"the mean step time saved is {100 * model['block_saving_vs_expected']:.0f}% of that."]
+                         f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} | "
+                         f"{skipped} |")
     return "\n".join(lines)
 
 
 def main(argv=None, command: str = "python -m bench.models") -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    args.command = " ".join([command, *argv])
-    result = run(args)
-    output = args.output or RESULTS / device_folder(result) / "models.json"
-    print("\nwritten: " + ", ".join(map(str, write_results(result, markdown(result), output))))
-
+    run_and_write(argv, command, parse_args, run, markdown, "models.json")
 
 if __name__ == "__main__":
     main()

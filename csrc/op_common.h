@@ -7,12 +7,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace stochdepth {
 
@@ -109,6 +112,63 @@ inline void check_relu_mask(const at::Tensor& relu_mask, const at::Tensor& grad)
 inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& layout) {
   if (t.strides() == layout.strides()) return t;
   return at::empty_like(layout, t.options()).copy_(t);
+}
+
+// The subset ops walk tensors whose batch dimension is outermost in memory, so that a row of y (k
+// rows) and a row of the output (B rows) have one layout: row r starts at r * row_numel.
+inline bool is_batch_outermost(const at::Tensor& t) {
+  return t.dim() > 0 && t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) * t.size(0) == t.numel());
+}
+
+// An output like `like` in `dtype`: like's layout where the batch dimension is outermost, else contiguous.
+inline at::Tensor batch_outermost_empty(const at::Tensor& like, at::ScalarType dtype) {
+  at::Tensor out = at::empty_like(like, like.options().dtype(dtype));
+  return is_batch_outermost(out) ? out : at::empty(like.sizes(), like.options().dtype(dtype));
+}
+
+// `t` in the layout of batch_outermost_empty(t): itself when it already is.
+inline at::Tensor in_batch_outermost(const at::Tensor& t) {
+  return is_batch_outermost(t) ? t : batch_outermost_empty(t, t.scalar_type()).copy_(t);
+}
+
+// An empty tensor of `rows` rows of `layout`'s row shape, each row in layout's row layout (layout's
+// batch dimension outermost).
+inline at::Tensor empty_rows_like(const at::Tensor& layout, int64_t rows, at::ScalarType dtype) {
+  std::vector<int64_t> sizes(layout.sizes().begin(), layout.sizes().end());
+  std::vector<int64_t> strides(layout.strides().begin(), layout.strides().end());
+  sizes[0] = rows;
+  strides[0] = layout.size(0) > 0 ? layout.numel() / layout.size(0) : 1;
+  return at::empty_strided(sizes, strides, layout.options().dtype(dtype));
+}
+
+// `t` (rows of layout's row shape) in the row layout of `layout`: itself when it already has it.
+inline at::Tensor in_rows_layout_of(const at::Tensor& t, const at::Tensor& layout) {
+  at::Tensor like = empty_rows_like(layout, t.size(0), t.scalar_type());
+  return t.strides() == like.strides() ? t : like.copy_(t);
+}
+
+// rows: 1-D int64 on `device` with at most `batch` entries (the kept rows of a subset call).
+inline void check_rows(const at::Tensor& rows, int64_t batch, const at::Device& device) {
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.numel() <= batch,
+                    "rows must be a 1-D int64 tensor of at most ", std::to_string(batch), " kept rows, got ",
+                    c10::toString(rows.scalar_type()), " tensor of shape ", format_sizes(rows.sizes()));
+  TORCH_CHECK_VALUE(rows.device() == device, "rows must be on ", device.str(), ", got a tensor on ",
+                    rows.device().str());
+}
+
+// y holds rows.numel() rows of residual's row shape.
+inline void check_subset_shapes(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& rows) {
+  check_batched(residual, "residual");
+  check_same_device(y, "y", residual, "residual");
+  TORCH_CHECK_VALUE(y.dim() == residual.dim() && y.sizes().slice(1) == residual.sizes().slice(1) &&
+                        y.size(0) == rows.numel(),
+                    "y must hold the ", std::to_string(rows.numel()), " kept rows of residual's shape ",
+                    format_sizes(residual.sizes()), ", got shape ", format_sizes(y.sizes()));
+  check_rows(rows, residual.size(0), residual.device());
+}
+
+inline void check_scale(double scale) {
+  TORCH_CHECK_VALUE(scale > 0.0 && scale < INFINITY, "scale must be positive and finite, got ", std::to_string(scale));
 }
 
 }  // namespace stochdepth

@@ -24,4 +24,27 @@ constexpr const char* kReluBackwardSchema =
     "drop_path_add_relu_backward(Tensor grad, Tensor relu_mask, Tensor? seed, Tensor p, bool training, "
     "str mode, bool scale_by_keep, ScalarType x_dtype, ScalarType residual_dtype) -> (Tensor, Tensor)";
 
+// The subset method (README, "The subset method"): the `kept` rows of a batch of `batch` with the
+// smallest philox_uniform(seed, b), ties by index, in ascending order (int64, on seed's device).
+constexpr const char* kSubsetRowsSchema = "subset_rows(Tensor seed, int batch, int kept) -> Tensor";
+
+// (out, relu_mask): out[b] = act(residual[b] + scale * y[j]) where b = rows[j] (rows: subset_rows'),
+// act(residual[b]) in every other row, which never reads y. y holds the k = rows.numel() kept rows.
+// out has residual's layout when the batch dimension is outermost in it, else the contiguous one;
+// relu_mask as drop_path_add's.
+constexpr const char* kSubsetAddSchema =
+    "subset_add(Tensor y, Tensor residual, Tensor rows, float scale, bool relu, bool save_relu_mask=False) "
+    "-> (Tensor, Tensor)";
+
+// y's gradient without an activation: out[j] = scale * grad[rows[j]], in out_dtype.
+constexpr const char* kSubsetGatherSchema =
+    "subset_gather(Tensor grad, Tensor rows, float scale, ScalarType out_dtype) -> Tensor";
+
+// Backward of subset_add with relu: (grad_y, grad_residual), grad_residual = grad where the forward's
+// relu_mask bit is set, else 0; grad_y[j] = scale * grad_residual[rows[j]]. grad as for
+// drop_path_add_relu_backward.
+constexpr const char* kSubsetReluBackwardSchema =
+    "subset_add_relu_backward(Tensor grad, Tensor relu_mask, Tensor rows, float scale, ScalarType y_dtype, "
+    "ScalarType residual_dtype) -> (Tensor, Tensor)";
+
 }  // namespace stochdepth

@@ -9,6 +9,10 @@ TORCH_LIBRARY(stochdepth, m) {
   m.def(stochdepth::kDropPathAddSchema);
   m.def(stochdepth::kDropPathSchema);
   m.def(stochdepth::kReluBackwardSchema);
+  m.def(stochdepth::kSubsetRowsSchema);
+  m.def(stochdepth::kSubsetAddSchema);
+  m.def(stochdepth::kSubsetGatherSchema);
+  m.def(stochdepth::kSubsetReluBackwardSchema);
 }
 
 // Importing stochdepth_kernels._C runs the static registrations above; the module holds one constant,

@@ -4,10 +4,12 @@ from stochdepth_kernels.functional import available_backends, drop_path, fused_d
 from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, stochastic_depth
 from stochdepth_kernels.schedules import DropRateWarmup, drop_path_rates
 from stochdepth_kernels.seeding import record_then_replay_masks, same_masks_on_recompute, set_seed_scope
+from stochdepth_kernels.subset import drop_path_add_subset, effective_drop_rate, subset_size
 
 __all__ = ["DropPath", "DropPathAdd", "DropRateWarmup", "StochasticDepth", "apply_drop_path", "apply_stochastic_depth",
-           "available_backends", "drop_path", "drop_path_rates", "fused_drop_path_add", "record_then_replay_masks",
-           "same_masks_on_recompute", "set_seed_scope", "stochastic_depth"]
+           "available_backends", "drop_path", "drop_path_add_subset", "drop_path_rates", "effective_drop_rate",
+           "fused_drop_path_add", "record_then_replay_masks", "same_masks_on_recompute", "set_seed_scope",
+           "stochastic_depth", "subset_size"]
 __version__ = "0.1.0"
 _SURGERY = ("apply_drop_path", "apply_stochastic_depth")
 

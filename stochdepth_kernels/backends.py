@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from stochdepth_kernels import reference
-from stochdepth_kernels.ops import NATIVE_TRACED, WITH_CUDA, eager_autograd, ops
+from stochdepth_kernels.ops import (NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA, eager_autograd,
+                                   eager_subset_autograd, ops)
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
@@ -23,12 +24,16 @@ class Backend:
     """``drop_path_add`` and ``drop_path`` with the ops' arguments (``drop_path_add`` returns the output
     alone), in two forms: ``traced``, what torch.compile sees (the registered ``torch.library`` ops),
     and ``eager``, the same kernels and autograd rules without the dispatcher
-    (:func:`~stochdepth_kernels.ops.eager_autograd`)."""
+    (:func:`~stochdepth_kernels.ops.eager_autograd`). ``subset_traced`` and ``subset_eager``: the
+    subset method's ``(subset_rows, subset_add)`` (``subset_add(y, residual, rows, scale, relu)``
+    returns the output alone) in the same two forms."""
 
     name: str
     device_types: tuple[str, ...] | None  # None: every device
     traced: tuple[Callable, Callable]
     eager: tuple[Callable, Callable]
+    subset_traced: tuple[Callable, Callable]
+    subset_eager: tuple[Callable, Callable]
 
     def runs_on(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
@@ -42,23 +47,38 @@ class Backend:
     def drop_path(self, *args) -> torch.Tensor:
         return self._pair()[1](*args)
 
+    def _subset_pair(self) -> tuple[Callable, Callable]:
+        return self.subset_traced if torch.compiler.is_compiling() else self.subset_eager
+
+    def subset_rows(self, *args) -> torch.Tensor:
+        return self._subset_pair()[0](*args)
+
+    def subset_add(self, *args) -> torch.Tensor:
+        return self._subset_pair()[1](*args)
+
 
 # The native ops dispatch on the tensors' device: "cpu" and "cuda" are the same ops, two kernels.
 _NATIVE_EAGER = eager_autograd(ops.drop_path_add.default, ops.drop_path.default,
                                ops.drop_path_add_relu_backward.default)
+_NATIVE_SUBSET_EAGER = (ops.subset_rows.default, eager_subset_autograd(
+    ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default))
+_NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
+_REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add)
 BACKENDS = {
-    "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER),
-    "reference": Backend("reference", None, _REFERENCE, _REFERENCE),
+    "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
+    "reference": Backend("reference", None, _REFERENCE, _REFERENCE, _REFERENCE_SUBSET, _REFERENCE_SUBSET),
 }
 if WITH_CUDA:
-    BACKENDS["cuda"] = Backend("cuda", ("cuda",), NATIVE_TRACED, _NATIVE_EAGER)
+    BACKENDS["cuda"] = Backend("cuda", ("cuda",), NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED,
+                               _NATIVE_SUBSET_EAGER)
 if importlib.util.find_spec("triton") is not None:
     from stochdepth_kernels import triton_backend
 
     # CUDA tensors; CPU tensors too under TRITON_INTERPRET=1 (the tests' interpreter).
     BACKENDS["triton"] = Backend("triton", ("cuda", "cpu") if triton_backend.INTERPRETING else ("cuda",),
-                                 triton_backend.TRACED, triton_backend.EAGER)
+                                 triton_backend.TRACED, triton_backend.EAGER, triton_backend.SUBSET_TRACED,
+                                 triton_backend.SUBSET_EAGER)
 # Preference order: "auto" takes the first that runs on the device, except on CUDA for large tensors.
 # Measured on an H100 (bench/results/nvidia-h100-80gb-hbm3/op.md, 2026-11-22): both kernels beat
 # eager PyTorch in device time everywhere; end to end the CUDA kernel wins below ~256 MiB (less host

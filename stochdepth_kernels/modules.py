@@ -18,6 +18,7 @@ from stochdepth_kernels.functional import drop_path, fused_drop_path_add
 from stochdepth_kernels.ops import records_graph
 from stochdepth_kernels.reference import philox_uniform
 from stochdepth_kernels.seeding import draw_seed
+from stochdepth_kernels.subset import _for_backward, drop_path_add_subset, effective_drop_rate, subset_size
 from stochdepth_kernels.tracing import capturing, fx_leaf
 
 __all__ = ["DropPath", "DropPathAdd", "StochasticDepth", "stochastic_depth"]
@@ -116,47 +117,83 @@ class _SkippedBranch(torch.autograd.Function):
 class DropPathAdd(_HasDropProbability):
     """``forward(x, residual) = act(residual + drop_path(x))`` in one kernel (:func:`fused_drop_path_add`).
 
-    :meth:`add_branch` takes the branch as a function instead: in training with ``mode="batch"`` the
-    batch's coin is tossed on the host (the CPU generator, the same Philox function) before the
-    branch runs, so a dropped batch skips its forward and backward entirely and its parameters get
-    zero gradients.
+    :meth:`add_branch` takes the branch as a function instead, so that a dropped sample can skip its
+    compute: with ``mode="batch"`` the batch's coin is tossed on the host (the CPU generator, the
+    same Philox function) before the branch runs, and a dropped batch skips its forward and backward
+    entirely; with ``mode="subset"`` the branch runs on the kept samples only
+    (:func:`~stochdepth_kernels.subset.drop_path_add_subset`). A skipped branch's parameters get
+    zero gradients. ``forward`` with ``mode="subset"`` keeps the same rows of a branch already
+    computed on the whole batch.
     """
 
     def __init__(self, p: float = 0.0, activation: str | None = None, mode: str = "row", scale_by_keep: bool = True):
         super().__init__(p)
         validation.check_choice(activation, "activation", validation.ACTIVATIONS)
-        validation.check_choice(mode, "mode", validation.MODES)
+        validation.check_choice(mode, "mode", validation.MODULE_MODES)
         validation.check_bool(scale_by_keep, "scale_by_keep")
         self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        if self.mode == "subset":
+            return self._subset(_identity, (x,), residual, lambda: ())
         p, seed = self._rate_and_seed(x, x, residual)
         return fused_drop_path_add(x, residual, p, training=self.training, mode=self.mode,
                                    scale_by_keep=self.scale_by_keep, activation=self.activation, seed=seed)
 
-    def add_branch(self, branch: Callable[[], Tensor], residual: Tensor,
-                   parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
-        """``forward(branch(), residual)``, skipping ``branch`` (whose weights ``parameters()`` lists)
-        when its batch is dropped. Under torch.compile or torch.fx the branch always runs (a
-        data-dependent skip would break the graph, or be frozen into it) and the fused op drops it,
-        drawing its coin from the device's generator: the same masks as eager on the CPU, the same
-        distribution on accelerators."""
+    def effective_drop_rate(self, batch: int) -> float:
+        """The fraction of a training batch of ``batch`` samples that is dropped: ``drop_prob``, or
+        with ``mode="subset"`` ``1 - subset_size(batch, drop_prob) / batch``."""
+        return effective_drop_rate(batch, self.drop_prob) if self.mode == "subset" else self.drop_prob
+
+    def add_branch(self, branch: Callable[..., Tensor], residual: Tensor,
+                   parameters: Callable[[], Iterable[nn.Parameter]], inputs: tuple[Tensor, ...] = ()) -> Tensor:
+        """``forward(branch(*inputs), residual)``, skipping ``branch``'s compute (its weights are
+        ``parameters()``) for dropped samples. ``inputs``: the branch's per-sample tensors (batch
+        dimension first), which ``mode="subset"`` needs: the branch then gets their kept rows.
+        In batch mode under torch.compile or torch.fx the branch always runs (a data-dependent skip
+        would break the graph, or be frozen into it) and the fused op drops it, drawing its coin from
+        the device's generator: the same masks as eager on the CPU, the same distribution on
+        accelerators. The subset method keeps its fixed shapes under both."""
+        if self.mode == "subset":
+            if not inputs:
+                raise ValueError("mode='subset' runs the branch on the kept samples: add_branch needs the branch's "
+                                 "per-sample inputs (inputs=(x,)) and a branch that takes them")
+            return self._subset(branch, inputs, residual, parameters)
         if self.mode != "batch" or not self.training or capturing() or self._drop_prob == 0.0:
-            return self(branch(), residual)
+            return self(branch(*inputs), residual)
         keep = 1.0 - self._drop_prob
         seed = draw_seed(torch.device("cpu"), scope=self.seed_scope)
         if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
-            x = branch()
+            x = branch(*inputs)
             validation.check_pair(x, residual)  # as the fused op would: no broadcasting
             # The factor is known on the host: no seed goes to the device.
             out = torch.add(residual, x, alpha=1.0 / keep if self.scale_by_keep else 1.0)
             return out.relu_() if self.activation == "relu" else out
+        return self._skipped(residual, parameters)
+
+    def _skipped(self, residual: Tensor, parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
+        """``act(residual)`` for a branch that does not run, zero gradients to its parameters."""
         validation.check_input(residual, "residual")
         relu = self.activation == "relu"
         trained = [p for p in parameters() if p.requires_grad]
         if trained and torch.is_grad_enabled():
             return _SkippedBranch.apply(residual, relu, *trained)
         return torch.relu(residual) if relu else residual.clone()
+
+    def _subset(self, branch: Callable[..., Tensor], inputs: tuple[Tensor, ...], residual: Tensor,
+                parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
+        """The subset method's call; a branch that keeps no sample (``p = 1``) is skipped as in batch
+        mode. The seed is drawn here, in the module's seed scope, marked for a backward when the
+        branch's weights will get gradients (which the op cannot see before the branch runs).
+        Under torch.fx (``residual`` a Proxy) the op records itself and draws when the graph runs."""
+        seed = None
+        if self.training and isinstance(residual, Tensor) and self.drop_prob > 0.0:
+            if subset_size(residual.shape[0], self.drop_prob) == 0:
+                return self._skipped(residual, parameters)
+            seed = draw_seed(residual.device, scope=self.seed_scope,
+                             for_backward=_for_backward(residual, tuple(inputs), parameters()))
+        return drop_path_add_subset(branch, tuple(inputs), residual, self.drop_prob, training=self.training,
+                                    scale_by_keep=self.scale_by_keep, activation=self.activation, seed=seed)
 
     def extra_repr(self) -> str:
         return (f"p={round(self.drop_prob, 3):0.3f}, activation={self.activation!r}, mode={self.mode!r}, "
@@ -165,9 +202,10 @@ class DropPathAdd(_HasDropProbability):
 
 class StochasticDepth(nn.Module):
     """A residual block ``act(shortcut(x) + drop(branch(x)))`` around ``branch``: one coin per sample
-    (``mode="row"``) or per batch (``mode="batch"``, where a dropped batch skips ``branch``'s
-    forward and backward; its parameters get zero gradients). ``shortcut`` (default identity) runs
-    whatever the coin: the paper drops only the branch."""
+    (``mode="row"``), per batch (``mode="batch"``, where a dropped batch skips ``branch``'s
+    forward and backward; its parameters get zero gradients) or the subset method (``mode="subset"``:
+    ``branch`` runs on the kept samples only). ``shortcut`` (default identity) runs whatever the
+    coin: the paper drops only the branch."""
 
     def __init__(self, branch: nn.Module, p: float = 0.0, mode: str = "row", shortcut: nn.Module | None = None,
                  activation: str | None = None, scale_by_keep: bool = True):
@@ -187,10 +225,14 @@ class StochasticDepth(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
-        return self.drop.add_branch(lambda: self.branch(x), identity, self.branch.parameters)
+        return self.drop.add_branch(self.branch, identity, self.branch.parameters, (x,))
 
     def extra_repr(self) -> str:
         return f"p={round(self.drop_prob, 3):0.3f}, mode={self.drop.mode!r}"
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 @fx_leaf

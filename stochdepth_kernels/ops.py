@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from stochdepth_kernels.layouts import batch_outermost_empty, empty_rows_like, is_batch_outermost
 from stochdepth_kernels.relu_mask import relu_mask_bytes
 
 try:
@@ -55,6 +56,29 @@ def _drop_path_fake(x, seed, p, training, mode, scale_by_keep, out_dtype=None):
 @torch.library.register_fake("stochdepth::drop_path_add_relu_backward")
 def _relu_backward_fake(grad, relu_mask, seed, p, training, mode, scale_by_keep, x_dtype, residual_dtype):
     return torch.empty_like(grad, dtype=x_dtype), torch.empty_like(grad, dtype=residual_dtype)
+
+
+@torch.library.register_fake("stochdepth::subset_rows")
+def _subset_rows_fake(seed, batch, kept):
+    return seed.new_empty((kept,), dtype=torch.int64)
+
+
+@torch.library.register_fake("stochdepth::subset_add")
+def _subset_add_fake(y, residual, rows, scale, relu, save_relu_mask=False):
+    torch._check(y.shape[1:] == residual.shape[1:], lambda: "y must hold rows of residual's shape")
+    out = batch_outermost_empty(residual, torch.promote_types(y.dtype, residual.dtype))
+    return out, out.new_empty((relu_mask_bytes(out) if save_relu_mask else 0,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("stochdepth::subset_gather")
+def _subset_gather_fake(grad, rows, scale, out_dtype):
+    layout = grad if is_batch_outermost(grad) else batch_outermost_empty(grad, out_dtype)
+    return empty_rows_like(layout, rows.shape[0], out_dtype)
+
+
+@torch.library.register_fake("stochdepth::subset_add_relu_backward")
+def _subset_relu_backward_fake(grad, relu_mask, rows, scale, y_dtype, residual_dtype):
+    return empty_rows_like(grad, rows.shape[0], y_dtype), torch.empty_like(grad, dtype=residual_dtype)
 
 
 def _factor_is_one(seed, training: bool, scale_by_keep: bool) -> bool:
@@ -154,6 +178,19 @@ def register_drop_path_autograd(add_op, unary_op, relu_backward_op) -> tuple[Cal
     return _asking_for_relu_mask(add_op), unary_op
 
 
+def _function(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A ``torch.autograd.Function`` running ``impl`` with torch.library's ``setup_context`` and
+    ``backward`` rules. forward(ctx, ...) rather than a setup_context staticmethod: with the latter,
+    every apply binds its arguments through inspect.signature (~70 us here)."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, Callable]:
     """``(drop_path_add, drop_path)`` differentiable through ``torch.autograd.Function``s over one
     backend's implementations, with the registered ops' rules. For eager calls: it skips the
@@ -166,19 +203,8 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
 
     setup_add, backward_add, setup_unary, backward_unary = _autograd_rules(unary, relu_backward_impl)
 
-    def function(name, impl, setup_context, backward):
-        # forward(ctx, ...) rather than a setup_context staticmethod: with the latter, every apply
-        # binds its arguments through inspect.signature (~70 us here).
-        def forward(ctx, *inputs):
-            output = impl(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
-
-        return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                        "backward": staticmethod(backward)})
-
-    add_function = function("DropPathAddFunction", add_impl, setup_add, backward_add)
-    unary_function = function("DropPathFunction", unary_impl, setup_unary, backward_unary)
+    add_function = _function("DropPathAddFunction", add_impl, setup_add, backward_add)
+    unary_function = _function("DropPathFunction", unary_impl, setup_unary, backward_unary)
 
     def add(x, residual, *args):
         return add_function.apply(x, residual, *args) if records_graph(x, residual) else add_impl(x, residual, *args)
@@ -186,11 +212,71 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
     return _asking_for_relu_mask(add), unary
 
 
+def _subset_rules(gather, relu_backward):
+    """``(setup, backward)`` of ``subset_add``, whose backward runs ``gather`` and ``relu_backward``
+    (the ops' signatures). Saved: the k kept rows and, with ReLU, the sign mask."""
+
+    def setup(ctx, inputs, output):
+        y, residual, rows, scale, relu, *save = inputs
+        out, relu_mask = output
+        ctx.mark_non_differentiable(relu_mask)
+        ctx.relu, ctx.saved_mask = relu, relu and bool(save and save[0])
+        ctx.save_for_backward(rows, relu_mask if ctx.saved_mask else None)
+        ctx.scale, ctx.dtypes, ctx.out_stride = scale, (y.dtype, residual.dtype), out.stride()
+
+    def backward(ctx, grad, _relu_mask_grad=None):
+        rows, relu_mask = ctx.saved_tensors
+        y_dtype, residual_dtype = ctx.dtypes
+        if ctx.relu:
+            if not ctx.saved_mask:
+                raise RuntimeError("the ReLU backward of stochdepth subset_add needs the forward's sign mask: "
+                                   "call it with save_relu_mask=True when a backward will follow")
+            grad_y, grad_residual = relu_backward(in_layout(grad, ctx.out_stride), relu_mask, rows, ctx.scale,
+                                                  y_dtype, residual_dtype)
+        else:
+            grad_residual = grad  # the identity: no copy
+            grad_y = gather(grad, rows, ctx.scale, y_dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_residual.to(residual_dtype), None, None, None, None
+
+    return setup, backward
+
+
+def _subset_asking_for_relu_mask(add) -> Callable:
+    """``(y, residual, rows, scale, relu) -> out`` over ``add`` (the op's signature), asking for the
+    ReLU sign mask only when autograd records the call."""
+
+    def subset_add(y, residual, rows, scale, relu):
+        return add(y, residual, rows, scale, relu, relu and records_graph(y, residual))[0]
+
+    return subset_add
+
+
+def register_subset_autograd(add_op, gather_op, relu_backward_op) -> Callable:
+    """Autograd for one backend's (subset_add, subset_gather, subset_add_relu_backward) ops; returns
+    the add over the registered op, as torch.compile traces it."""
+    setup, backward = _subset_rules(gather_op, relu_backward_op)
+    torch.library.register_autograd(add_op, backward, setup_context=setup)
+    return _subset_asking_for_relu_mask(add_op)
+
+
+def eager_subset_autograd(add_impl, gather_impl, relu_backward_impl) -> Callable:
+    """The subset add differentiable through a ``torch.autograd.Function`` over one backend's
+    implementations, with the registered op's rules (as :func:`eager_autograd`)."""
+    add_function = _function("SubsetAddFunction", add_impl, *_subset_rules(gather_impl, relu_backward_impl))
+
+    def add(y, residual, *args):
+        return add_function.apply(y, residual, *args) if records_graph(y, residual) else add_impl(y, residual, *args)
+
+    return _subset_asking_for_relu_mask(add)
+
+
 def records_graph(*inputs) -> bool:
     """Whether autograd records a call on ``inputs``: a backward may follow."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
-# (drop_path_add, drop_path) of the native backends as torch.compile traces them.
+# (drop_path_add, drop_path) of the native backends as torch.compile traces them, and their subset add.
 NATIVE_TRACED = register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
                                             ops.drop_path_add_relu_backward.default)
+NATIVE_SUBSET_TRACED = register_subset_autograd(ops.subset_add.default, ops.subset_gather.default,
+                                                ops.subset_add_relu_backward.default)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from stochdepth_kernels.layouts import batch_outermost_empty, empty_rows_like, in_batch_outermost
 from stochdepth_kernels.relu_mask import check_relu_mask, unpack
 
 MASK32 = 0xFFFFFFFF
@@ -126,4 +127,50 @@ def drop_path_add_relu_backward(grad: Tensor, relu_mask: Tensor, seed: Tensor | 
     grad_residual = torch.where(unpack(relu_mask, grad), grad.to(acc), 0.0)
     grad_x = torch.where(f == 0, 0.0, f * grad_residual)
     return (torch.empty_like(grad, dtype=x_dtype).copy_(grad_x),
+            torch.empty_like(grad, dtype=residual_dtype).copy_(grad_residual))
+
+
+def subset_rows(seed: Tensor, batch: int, kept: int) -> Tensor:
+    """The ``kept`` rows of ``batch`` with the smallest ``philox_uniform(seed, b)``, ties by index, in
+    ascending order."""
+    if not 0 <= kept <= batch:
+        raise ValueError(f"kept must be in [0, batch], got kept={kept} and batch={batch}")
+    uniforms = philox_uniform(seed, torch.arange(batch, dtype=torch.int64, device=seed.device))
+    return torch.sort(uniforms, stable=True).indices[:kept].sort().values
+
+
+def _kept_rows(rows: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """(whether each of ``batch`` rows is kept, its position in ``rows``; 0 where not kept)."""
+    kept = torch.zeros(batch, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+    return kept, (torch.cumsum(kept, 0) - 1).clamp_(min=0)
+
+
+def subset_add(y: Tensor, residual: Tensor, rows: Tensor, scale: float, relu: bool) -> Tensor:
+    """``act(residual[b] + scale * y[j])`` where ``b = rows[j]``, ``act(residual[b])`` elsewhere."""
+    out_dtype = torch.promote_types(y.dtype, residual.dtype)
+    acc = _accumulate_dtype(out_dtype)
+    kept, position = _kept_rows(rows, residual.shape[0])
+    r = residual.to(acc)
+    spread = y.to(acc).index_select(0, position) if y.shape[0] > 0 else torch.zeros_like(r)
+    value = torch.where(_broadcast_rows(kept, r), r + torch.tensor(scale, dtype=acc, device=r.device) * spread, r)
+    if relu:
+        value = torch.relu(value)
+    return batch_outermost_empty(residual, out_dtype).copy_(value)
+
+
+def subset_gather(grad: Tensor, rows: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``scale * grad[rows[j]]`` for each kept row ``j``, in ``out_dtype``."""
+    acc = _accumulate_dtype(torch.promote_types(grad.dtype, out_dtype))
+    grad = in_batch_outermost(grad)
+    value = torch.tensor(scale, dtype=acc, device=grad.device) * grad.to(acc).index_select(0, rows)
+    return empty_rows_like(grad, rows.numel(), out_dtype).copy_(value)
+
+
+def subset_add_relu_backward(grad: Tensor, relu_mask: Tensor, rows: Tensor, scale: float, y_dtype: torch.dtype,
+                             residual_dtype: torch.dtype):
+    """``(grad_y, grad_residual)`` of ``relu(subset_add(...))`` given the forward's ReLU sign mask."""
+    check_relu_mask(relu_mask, grad)
+    acc = _accumulate_dtype(torch.promote_types(y_dtype, residual_dtype))
+    grad_residual = torch.where(unpack(relu_mask, grad), grad.to(acc), 0.0)
+    return (subset_gather(grad_residual, rows, scale, y_dtype),
             torch.empty_like(grad, dtype=residual_dtype).copy_(grad_residual))

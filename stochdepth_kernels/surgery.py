@@ -6,8 +6,9 @@ no training-time scaling, eval x (1 - p)); ``apply_drop_path`` gives timm's ``dr
 block is changed in place: its class becomes a subclass whose forward ends in the fused
 ``act(shortcut + drop(branch))`` (:class:`DropPathAdd`), its weights, parameter objects, names and
 state-dict keys stay as they were.
-With ``stochastic_method="block"`` a dropped batch skips the branch's compute; shortcuts always run
-(the paper drops only the branch).
+With ``stochastic_method="block"`` a dropped batch skips the branch's compute, with ``"subset"``
+(DINOv2's method) the branch runs on the kept samples only; shortcuts always run (the paper drops
+only the branch).
 
 Supported: torchvision ResNet ``BasicBlock`` / ``Bottleneck`` (ReLU fused); timm ViT ``Block`` and
 ``SwinTransformerBlock`` (both residuals, one coin each), ``ConvNeXtBlock``, ResNet ``BasicBlock`` /
@@ -27,10 +28,11 @@ from torch import nn
 from stochdepth_kernels import validation
 from stochdepth_kernels.modules import DropPathAdd
 from stochdepth_kernels.schedules import CONVENTIONS, DISTRIBUTIONS, drop_path_rates
+from stochdepth_kernels.subset import effective_drop_rate
 
 __all__ = ["SurgeryReport", "apply_drop_path", "apply_stochastic_depth", "register_block"]
 
-STOCHASTIC_METHODS = {"sample": "row", "block": "batch"}
+STOCHASTIC_METHODS = {"sample": "row", "block": "batch", "subset": "subset"}
 # Composer's target_layer_name for torchvision's Bottleneck.
 ALIASES = {"ResNetBottleneck": "Bottleneck"}
 
@@ -53,12 +55,22 @@ _ADAPTERS: dict[type, tuple[Adapter, SkipRule]] = {}
 
 @dataclass
 class SurgeryReport:
-    """Which modules changed (name, block type, drop rate, how) and which matched but were skipped."""
+    """Which modules changed (name, block type, drop rate, how) and which matched but were skipped;
+    ``mode``: the modules' (``"row"``, ``"batch"`` or ``"subset"``)."""
     changed: list[tuple[str, str, float, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    mode: str = "row"
 
     def rates(self) -> list[float]:
         return [rate for _, _, rate, _ in self.changed]
+
+    def effective_rates(self, batch: int) -> list[float]:
+        """The fraction of a training batch of ``batch`` samples each changed block drops: its rate,
+        or with the subset method ``1 - subset_size(batch, rate) / batch`` (a fixed number of
+        samples, so a rate below ``1 / batch`` still drops one)."""
+        if self.mode != "subset":
+            return self.rates()
+        return [effective_drop_rate(batch, rate) for rate in self.rates()]
 
     def __str__(self) -> str:
         lines = [f"stochastic depth on {len(self.changed)} blocks, {len(self.skipped)} skipped"]
@@ -89,7 +101,8 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
     """Composer's ``apply_stochastic_depth``: its keywords, defaults and semantics. Every block of
     ``model`` of type ``target_layer_name`` (a class name, or Composer's ``"ResNetBottleneck"``;
     None: every supported block type) gets stochastic depth: ``"block"`` drops whole blocks for the
-    batch (a dropped block skips its branch's compute), ``"sample"`` drops samples; no training-time
+    batch (a dropped block skips its branch's compute), ``"sample"`` drops samples, ``"subset"``
+    runs each branch on a fixed number of kept samples only (not in Composer); no training-time
     scaling, eval outputs ``shortcut + (1 - p) * branch`` (``scale_by_keep=False``); rates
     ``(l + 1) / L * drop_rate`` (``drop_distribution="linear"``; ``convention="timm"``: linspace
     from 0). ``use_same_gpu_seed`` (block method): True drops the same blocks on every rank whose
@@ -149,7 +162,7 @@ def _apply(model: nn.Module, target_layer_name: str | None, stochastic_method: s
     if not blocks:
         raise ValueError(f"no block of model {type(model).__name__} matches target_layer_name={target_layer_name!r}; "
                          f"supported: {supported_block_names()}")
-    report = SurgeryReport()
+    report = SurgeryReport(mode=STOCHASTIC_METHODS[stochastic_method])
     for name, block in blocks:
         reason = _adapter_for(block)[1](block)
         if reason is not None:
@@ -199,8 +212,8 @@ def resnet_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _TorchvisionResNetTail:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        return self.stochastic_depth.add_branch(lambda: resnet_branch(self, x), identity,
-                                                _parameters(self, excluding="downsample."))
+        return self.stochastic_depth.add_branch(lambda x: resnet_branch(self, x), identity,
+                                                _parameters(self, excluding="downsample."), (x,))
 
 
 class _TimmResNetTail:
@@ -216,25 +229,39 @@ class _TimmResNetTail:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.drop_path.add_branch(lambda: self._branch(x), shortcut, _parameters(self, excluding="downsample."))
+        out = self.drop_path.add_branch(self._branch, shortcut, _parameters(self, excluding="downsample."), (x,))
         last_act = self.act3 if hasattr(self, "conv3") else self.act2
         return out if self.drop_path.activation == "relu" else last_act(out)
 
 
+def _per_sample(batch: int, kwargs: dict) -> tuple[dict, dict]:
+    """``kwargs`` split into the per-sample tensors (a 4-d attention mask of one mask per sample,
+    ``(B, heads or 1, N, N)``, which the subset method indexes with the kept rows) and the rest."""
+    per_sample = {name: value for name, value in kwargs.items()
+                  if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == batch and batch > 1}
+    return per_sample, {name: value for name, value in kwargs.items() if name not in per_sample}
+
+
 class _VitBlockTail:
     def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        x = self.drop_path1.add_branch(lambda: self.ls1(self.attn(self.norm1(x), **attn_kwargs)), x,
-                                       _parameters(self, "norm1", "attn", "ls1"))
-        return self.drop_path2.add_branch(lambda: self.ls2(self.mlp(self.norm2(x))), x,
-                                          _parameters(self, "norm2", "mlp", "ls2"))
+        per_sample, shared = _per_sample(x.shape[0], attn_kwargs)
+        names = tuple(per_sample)
+
+        def attention(x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+            return self.ls1(self.attn(self.norm1(x), **shared, **dict(zip(names, masks))))
+
+        x = self.drop_path1.add_branch(attention, x, _parameters(self, "norm1", "attn", "ls1"),
+                                       (x, *per_sample.values()))
+        return self.drop_path2.add_branch(lambda x: self.ls2(self.mlp(self.norm2(x))), x,
+                                          _parameters(self, "norm2", "mlp", "ls2"), (x,))
 
 
 class _SwinBlockTail:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        x = self.drop_path1.add_branch(lambda: self._attn(self.norm1(x)), x, _parameters(self, "norm1", "attn"))
+        x = self.drop_path1.add_branch(lambda x: self._attn(self.norm1(x)), x, _parameters(self, "norm1", "attn"), (x,))
         x = x.reshape(batch, -1, channels)
-        x = self.drop_path2.add_branch(lambda: self.mlp(self.norm2(x)), x, _parameters(self, "norm2", "mlp"))
+        x = self.drop_path2.add_branch(lambda x: self.mlp(self.norm2(x)), x, _parameters(self, "norm2", "mlp"), (x,))
         return x.reshape(batch, height, width, channels)
 
 
@@ -248,8 +275,7 @@ class _ConvNeXtBlockTail:
         return x if self.gamma is None else x.mul(self.gamma.reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path.add_branch(lambda: self._branch(x), self.shortcut(x),
-                                         _parameters(self, excluding="shortcut."))
+        return self.drop_path.add_branch(self._branch, self.shortcut(x), _parameters(self, excluding="shortcut."), (x,))
 
 
 class _InvertedResidualTail:
@@ -263,7 +289,7 @@ class _InvertedResidualTail:
         return self.bn2(self.conv_pw(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path.add_branch(lambda: self._branch(x), x, _parameters(self))
+        return self.drop_path.add_branch(self._branch, x, _parameters(self), (x,))
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -291,7 +317,8 @@ def _fusing_adapter(*attributes: str, relu: Callable[[nn.Module], bool] = lambda
             setattr(block, attribute, drop.train(block.training))
         block.__class__ = _FUSED_CLASSES[next(c for c in type(block).__mro__ if c in _FUSED_CLASSES)]
         act = "relu(" if activation else "("
-        skipping = " (a dropped batch skips the branch)" if settings.mode == "batch" else ""
+        skipping = {"batch": " (a dropped batch skips the branch)",
+                    "subset": " (dropped samples skip the branch)"}.get(settings.mode, "")
         return f"fused {act}shortcut + drop(branch)) on {', '.join(attributes)}, mode={settings.mode!r}{skipping}"
 
     return adapt

@@ -3,6 +3,7 @@
 
     forward           out  = act(residual + f_b * x)        (residual absent: out = f_b * x)
     relu backward     g_r  = g * (out > 0),  g_x = f_b * g_r    ((out > 0) from the ReLU sign mask)
+    subset            the same kernels, x's row of batch row b being index[b] (SUBSET)
 
 ``f_b`` is the factor of batch row ``b`` (DESIGN.md): in training ``tl.rand(seed, b) < float32(1 - p)``
 decides the coin (``b = 0`` in batch mode) and a kept row gets ``1/(1-p)`` (or 1); in eval every row
@@ -33,7 +34,10 @@ from torch import Tensor
 from torch._library.triton import set_wrap_triton_enabled  # what triton_op's eager path uses
 from torch.library import triton_op, wrap_triton
 
-from stochdepth_kernels.ops import eager_autograd, in_layout, register_drop_path_autograd
+from stochdepth_kernels.layouts import (batch_outermost_empty, empty_rows_like, in_batch_outermost,
+                                        in_rows_layout_of, is_batch_outermost)
+from stochdepth_kernels.ops import (eager_autograd, eager_subset_autograd, in_layout, register_drop_path_autograd,
+                                    register_subset_autograd)
 from stochdepth_kernels.relu_mask import check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -77,6 +81,27 @@ def _row_factor(seed_ptr, p_ptr, row, SAMPLE: tl.constexpr, BATCH_MODE: tl.const
 
 
 @triton.jit
+def _row_plan(seed_ptr, p_ptr, index_ptr, run, batch, run_length, SUBSET: tl.constexpr, SAMPLE: tl.constexpr,
+              BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr, ACC: tl.constexpr):
+    """(factor on x of the run's row, offset of x's run). Row and batch mode: x's run is the walked
+    tensor's. SUBSET (the batch outermost, so a run is a row): x's row is ``index[run]``, -1 where the
+    row is dropped (factor 0), and ``p_ptr`` holds the kept rows' scale."""
+    if SUBSET:
+        x_row = tl.load(index_ptr + run)
+        factor = tl.where(x_row >= 0, tl.load(p_ptr), 0.0).to(ACC)
+        return factor, x_row * run_length
+    else:
+        return _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC), run * run_length
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, uniforms_ptr, batch, BLOCK: tl.constexpr):
+    """``tl.rand(seed, b)`` of every row ``b``: the coins the subset method ranks."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(uniforms_ptr + rows, tl.rand(tl.load(seed_ptr), rows), mask=rows < batch)
+
+
+@triton.jit
 def _stored_as(value, ptr):
     """``value`` in ``ptr``'s element type. A 16-bit float goes through float32, as the CUDA and CPU
     kernels round (the interpreter's direct float64 -> bfloat16 cast gives garbage)."""
@@ -87,14 +112,14 @@ def _stored_as(value, ptr):
 
 @triton.jit
 def _run_block(run_length, BLOCK: tl.constexpr):
-    """(run index, first element of the block in its run, int64 element offsets, in-range mask) of
-    this program's block."""
+    """(run index, first element of the block in its run, int64 offsets of its elements in the run,
+    in-range mask) of this program's block."""
     blocks_per_run = tl.cdiv(run_length, BLOCK)
     pid = tl.program_id(0).to(tl.int64)
     run = pid // blocks_per_run
     start = (pid - run * blocks_per_run) * BLOCK
     in_run = start + tl.arange(0, BLOCK)
-    return run, start, run * run_length + in_run, in_run < run_length
+    return run, start, in_run, in_run < run_length
 
 
 @triton.jit
@@ -110,17 +135,20 @@ def _mask_bytes(mask_ptr, run, start, run_length, BLOCK: tl.constexpr):
 def _drop_path_add_forward_kernel(
     x_ptr, residual_ptr, out_ptr,      # dense tensors in one layout; residual_ptr unused without HAS_RESIDUAL
     mask_ptr,                          # uint8 ReLU sign mask, written if SAVE_MASK
-    seed_ptr, p_ptr,                   # int64[1] seed (unused unless SAMPLE), 0-d float p, on the device
+    seed_ptr, p_ptr,                   # int64[1] seed (unused unless SAMPLE), 0-d float p (or scale), on the device
+    index_ptr,                         # SUBSET: int64 x row of each walked row (_row_plan)
     batch, run_length,                 # rows; elements per run of one row in memory order
-    SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
+    SUBSET: tl.constexpr, SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    run, start, offsets, in_range = _run_block(run_length, BLOCK)
-    factor = _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC)
+    run, start, in_run, in_range = _run_block(run_length, BLOCK)
+    offsets = run * run_length + in_run
+    factor, x_run = _row_plan(seed_ptr, p_ptr, index_ptr, run, batch, run_length, SUBSET, SAMPLE, BATCH_MODE,
+                              SCALE_BY_KEEP, ACC)
     # The scalar is broadcast before the `&` (the interpreter rejects block & scalar bool).
     read_x = in_range & ((tl.zeros([BLOCK], ACC) + factor) != 0.0)
-    x = tl.load(x_ptr + offsets, mask=read_x, other=0.0).to(ACC)
+    x = tl.load(x_ptr + x_run + in_run, mask=read_x, other=0.0).to(ACC)
     value = tl.where(read_x, factor * x, 0.0)
     if HAS_RESIDUAL:
         value += tl.load(residual_ptr + offsets, mask=in_range, other=0.0).to(ACC)
@@ -140,13 +168,15 @@ def _drop_path_add_forward_kernel(
 @triton.jit
 def _relu_backward_kernel(
     grad_ptr, mask_ptr,                # dense grad in the forward output's layout; its ReLU sign mask
-    grad_x_ptr, grad_residual_ptr,     # dense, same layout, x's and residual's dtypes
-    seed_ptr, p_ptr, batch, run_length,
-    SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
+    grad_x_ptr, grad_residual_ptr,     # dense, same layout, x's and residual's dtypes (SUBSET: x's k rows)
+    seed_ptr, p_ptr, index_ptr, batch, run_length,
+    SUBSET: tl.constexpr, SAMPLE: tl.constexpr, BATCH_MODE: tl.constexpr, SCALE_BY_KEEP: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    run, start, offsets, in_range = _run_block(run_length, BLOCK)
-    factor = _row_factor(seed_ptr, p_ptr, run % batch, SAMPLE, BATCH_MODE, SCALE_BY_KEEP, ACC)
+    run, start, in_run, in_range = _run_block(run_length, BLOCK)
+    offsets = run * run_length + in_run
+    factor, x_run = _row_plan(seed_ptr, p_ptr, index_ptr, run, batch, run_length, SUBSET, SAMPLE, BATCH_MODE,
+                              SCALE_BY_KEEP, ACC)
     grad = tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(ACC)
     pointers, exists = _mask_bytes(mask_ptr, run, start, run_length, BLOCK)
     mask_bytes = tl.load(pointers, mask=exists, other=0).to(tl.int32)
@@ -154,7 +184,9 @@ def _relu_backward_kernel(
     grad_residual = tl.where(passes != 0, grad, 0.0)
     grad_x = tl.where(factor != 0.0, factor * grad_residual, 0.0)
     tl.store(grad_residual_ptr + offsets, _stored_as(grad_residual, grad_residual_ptr), mask=in_range)
-    tl.store(grad_x_ptr + offsets, _stored_as(grad_x, grad_x_ptr), mask=in_range)
+    # A subset's dropped row has no row of grad_x.
+    write_x = in_range & ((tl.zeros([BLOCK], ACC) + factor) != 0.0) if SUBSET else in_range
+    tl.store(grad_x_ptr + x_run + in_run, _stored_as(grad_x, grad_x_ptr), mask=write_x)
 
 
 def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tensor], p: Tensor, training: bool,
@@ -166,8 +198,20 @@ def _launch_config(out: Tensor, compute_dtype: torch.dtype, seed: Optional[Tenso
     p_device = p.to(device=out.device, dtype=torch.float64, non_blocking=True)  # the kernel loads element 0
     sample = training and seed is not None
     acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
-    flags = dict(SAMPLE=sample, BATCH_MODE=mode == "batch", SCALE_BY_KEEP=scale_by_keep, ACC=acc)
-    return (seed if sample else p_device, p_device, out.shape[0], run_length_of(out)), flags
+    flags = dict(SUBSET=False, SAMPLE=sample, BATCH_MODE=mode == "batch", SCALE_BY_KEEP=scale_by_keep, ACC=acc)
+    return (seed if sample else p_device, p_device, p_device, out.shape[0], run_length_of(out)), flags
+
+
+def _subset_launch_config(layout: Tensor, compute_dtype: torch.dtype, index: Tensor,
+                          scale: float) -> tuple[tuple, dict]:
+    """:func:`_launch_config` of a subset kernel walking ``layout`` (batch outermost): x's row of each
+    walked row in ``index``, the kept rows' factor ``scale``."""
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    scale_device = torch.full((), scale, dtype=torch.float64, device=layout.device)
+    acc = tl.float64 if compute_dtype == torch.float64 else tl.float32
+    flags = dict(SUBSET=True, SAMPLE=False, BATCH_MODE=False, SCALE_BY_KEEP=True, ACC=acc)
+    return (index, scale_device, index, layout.shape[0], run_length_of(layout)), flags
 
 
 def _grid(numel: int, run_length: int):
@@ -218,11 +262,87 @@ def _drop_path_add_relu_backward(grad: Tensor, relu_mask: Tensor, seed: Optional
     return grad_x, grad_residual
 
 
+def _subset_rows(seed: Tensor, batch: int, kept: int) -> Tensor:
+    if not 0 <= kept <= batch:
+        raise ValueError(f"kept must be in [0, batch], got kept={kept} and batch={batch}")
+    uniforms = torch.empty(batch, dtype=torch.float32, device=seed.device)
+    if batch > 0:
+        wrap_triton(_uniforms_kernel)[(triton.cdiv(batch, 1024),)](seed, uniforms, batch, BLOCK=1024)
+    return torch.sort(uniforms, stable=True).indices[:kept].sort().values
+
+
+def _check_subset(y: Tensor, residual: Tensor, rows: Tensor) -> None:
+    if residual.dim() == 0 or y.shape[1:] != residual.shape[1:] or y.shape[0] != rows.numel():
+        raise ValueError(f"y must hold the {rows.numel()} kept rows of residual's shape {list(residual.shape)}, "
+                         f"got shape {list(y.shape)}")
+    if rows.dtype != torch.int64 or rows.dim() != 1 or rows.device != residual.device:
+        raise ValueError(f"rows must be a 1-D int64 tensor on {residual.device}, got {rows.dtype} tensor of shape "
+                         f"{list(rows.shape)} on {rows.device}")
+
+
+def _slot_of_rows(rows: Tensor, batch: int) -> Tensor:
+    """Each of ``batch`` rows' position in ``rows``, -1 where it is not kept."""
+    slot = torch.full((batch,), -1, dtype=torch.int64, device=rows.device)
+    return slot.index_copy_(0, rows, torch.arange(rows.numel(), dtype=torch.int64, device=rows.device))
+
+
+def _subset_add(y: Tensor, residual: Tensor, rows: Tensor, scale: float, relu: bool,
+                save_relu_mask: bool = False) -> tuple[Tensor, Tensor]:
+    _check_subset(y, residual, rows)
+    if save_relu_mask and not relu:
+        raise ValueError("save_relu_mask=True needs relu=True, got relu=False")
+    out = batch_outermost_empty(residual, torch.result_type(y, residual))
+    relu_mask = out.new_empty((relu_mask_bytes(out) if save_relu_mask else 0,), dtype=torch.uint8)
+    if out.numel() == 0:
+        return out, relu_mask
+    shared, flags = _subset_launch_config(out, out.dtype, _slot_of_rows(rows, out.shape[0]), scale)
+    y_dense = in_rows_layout_of(y, out) if y.shape[0] > 0 else out  # no row of y is read
+    wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
+        y_dense, in_layout(residual, out.stride()), out, relu_mask if save_relu_mask else out,
+        *shared, HAS_RESIDUAL=True, RELU=relu, SAVE_MASK=save_relu_mask, **flags)
+    return out, relu_mask
+
+
+def _subset_gather(grad: Tensor, rows: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
+    grad = in_batch_outermost(grad)
+    out = empty_rows_like(grad, rows.numel(), out_dtype)
+    if out.numel() == 0:
+        return out
+    shared, flags = _subset_launch_config(out, torch.promote_types(grad.dtype, out_dtype), rows, scale)
+    wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
+        grad, grad, out, out, *shared, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
+    return out
+
+
+def _subset_add_relu_backward(grad: Tensor, relu_mask: Tensor, rows: Tensor, scale: float, y_dtype: torch.dtype,
+                              residual_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    check_relu_mask(relu_mask, grad)
+    if not is_batch_outermost(grad):
+        raise ValueError(f"grad must be in the subset forward's layout (batch outermost), got strides {list(grad.stride())}")
+    grad_y = empty_rows_like(grad, rows.numel(), y_dtype)
+    grad_residual = torch.empty_like(grad, dtype=residual_dtype)
+    if grad.numel() == 0:
+        return grad_y, grad_residual
+    compute_dtype = torch.promote_types(y_dtype, residual_dtype)
+    shared, flags = _subset_launch_config(grad, compute_dtype, _slot_of_rows(rows, grad.shape[0]), scale)
+    wrap_triton(_relu_backward_kernel)[_grid(grad.numel(), shared[-1])](
+        grad.to(compute_dtype), relu_mask, grad_y if grad_y.numel() > 0 else grad_residual, grad_residual,
+        *shared, **flags)
+    return grad_y, grad_residual
+
+
 triton_drop_path_add = triton_op("stochdepth::triton_drop_path_add", mutates_args=())(_drop_path_add)
 triton_drop_path = triton_op("stochdepth::triton_drop_path", mutates_args=())(_drop_path)
 triton_drop_path_add_relu_backward = triton_op("stochdepth::triton_drop_path_add_relu_backward",
                                                mutates_args=())(_drop_path_add_relu_backward)
 TRACED = register_drop_path_autograd(triton_drop_path_add, triton_drop_path, triton_drop_path_add_relu_backward)
+triton_subset_rows = triton_op("stochdepth::triton_subset_rows", mutates_args=())(_subset_rows)
+triton_subset_add = triton_op("stochdepth::triton_subset_add", mutates_args=())(_subset_add)
+triton_subset_gather = triton_op("stochdepth::triton_subset_gather", mutates_args=())(_subset_gather)
+triton_subset_add_relu_backward = triton_op("stochdepth::triton_subset_add_relu_backward",
+                                            mutates_args=())(_subset_add_relu_backward)
+SUBSET_TRACED = (triton_subset_rows, register_subset_autograd(triton_subset_add, triton_subset_gather,
+                                                              triton_subset_add_relu_backward))
 
 
 def _launching_directly(fn):
@@ -238,3 +358,5 @@ def _launching_directly(fn):
 
 
 EAGER = eager_autograd(*map(_launching_directly, (_drop_path_add, _drop_path, _drop_path_add_relu_backward)))
+SUBSET_EAGER = (_launching_directly(_subset_rows), eager_subset_autograd(
+    *map(_launching_directly, (_subset_add, _subset_gather, _subset_add_relu_backward))))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 MODES = ("row", "batch")
+MODULE_MODES = (*MODES, "subset")  # the subset method needs the branch: modules and surgery only
 ACTIVATIONS = (None, "relu")
 MAX_SEED = 2**63
 

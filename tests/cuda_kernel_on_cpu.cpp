@@ -60,6 +60,21 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward(const Tensor& grad, const
                                           scale_by_keep, x_dtype, residual_dtype);
 }
 
+std::tuple<Tensor, Tensor> subset_add(const Tensor& y, const Tensor& residual, const Tensor& rows, double scale,
+                                      bool relu, bool save_relu_mask) {
+  return subset_add_with(SequentialLauncher{}, y, residual, rows, scale, relu, save_relu_mask);
+}
+
+Tensor subset_gather(const Tensor& grad, const Tensor& rows, double scale, at::ScalarType out_dtype) {
+  return subset_gather_with(SequentialLauncher{}, grad, rows, scale, out_dtype);
+}
+
+std::tuple<Tensor, Tensor> subset_add_relu_backward(const Tensor& grad, const Tensor& relu_mask, const Tensor& rows,
+                                                    double scale, at::ScalarType y_dtype,
+                                                    at::ScalarType residual_dtype) {
+  return subset_add_relu_backward_with(SequentialLauncher{}, grad, relu_mask, rows, scale, y_dtype, residual_dtype);
+}
+
 }  // namespace
 
 // The stochdepth:: schemas under another namespace, implemented by the simulated kernels.
@@ -67,10 +82,16 @@ TORCH_LIBRARY(stochdepth_cuda_on_cpu, m) {
   m.def(stochdepth::kDropPathAddSchema);
   m.def(stochdepth::kDropPathSchema);
   m.def(stochdepth::kReluBackwardSchema);
+  m.def(stochdepth::kSubsetAddSchema);
+  m.def(stochdepth::kSubsetGatherSchema);
+  m.def(stochdepth::kSubsetReluBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(stochdepth_cuda_on_cpu, CPU, m) {
   m.impl("drop_path_add", &drop_path_add);
   m.impl("drop_path", &drop_path);
   m.impl("drop_path_add_relu_backward", &drop_path_add_relu_backward);
+  m.impl("subset_add", &subset_add);
+  m.impl("subset_gather", &subset_gather);
+  m.impl("subset_add_relu_backward", &subset_add_relu_backward);
 }

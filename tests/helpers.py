@@ -93,6 +93,25 @@ def registered_ops(backend: str) -> tuple:
     return namespace.drop_path_add.default, namespace.drop_path.default, namespace.drop_path_add_relu_backward.default
 
 
+def registered_subset_ops(backend: str) -> tuple:
+    """``(subset_rows, subset_add, subset_gather, subset_add_relu_backward)`` of ``backend`` as
+    registered torch.library ops (the simulated CUDA kernels have no subset_rows: None)."""
+    if backend == "triton":
+        from stochdepth_kernels import triton_backend as t
+
+        return t.triton_subset_rows, t.triton_subset_add, t.triton_subset_gather, t.triton_subset_add_relu_backward
+    if backend in ("cpu", "cuda"):
+        namespace = torch.ops.stochdepth
+        rows = namespace.subset_rows.default
+    else:
+        import simulated_cuda
+
+        assert backend == simulated_cuda.NAME, backend
+        simulated_cuda.backend()
+        namespace, rows = torch.ops.stochdepth_cuda_on_cpu, None
+    return rows, namespace.subset_add.default, namespace.subset_gather.default, namespace.subset_add_relu_backward.default
+
+
 def small_resnet(method: str = "sample") -> torch.nn.Module:
     """torchvision's ResNet-18 (4 classes), the same weights on every call (``torch.manual_seed(0)``),
     given stochastic depth at rate 0.5 by surgery with ``method``."""

@@ -1,9 +1,10 @@
-"""The training-step benchmark's own logic (no timing): the expected share of skipped FLOPs and the
-table."""
+"""The training-step benchmark's own logic (no timing): the expected share of skipped FLOPs, the
+variants, the DINOv2-style anchor and the table."""
 import pytest
 import torch
 
 from bench import models
+from bench.dinov2_subset import Dinov2StyleSubsetAdd
 from stochdepth_kernels import DropPathAdd
 
 
@@ -11,7 +12,7 @@ from stochdepth_kernels import DropPathAdd
 def test_expected_skipped_fraction_is_the_rate_weighted_branch_share(model_name):
     model = models.build(model_name, 32, torch.device("cpu"), models.BLOCK)
     rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)]
-    fraction = models.expected_skipped_fraction(model, torch.randn(2, 3, 32, 32))
+    fraction = models.expected_skipped_fraction(model, torch.randn(2, 3, 32, 32), 8)
     # Branches are most of the FLOPs and timm's linear rates average 0.5 / 2 = 0.25.
     assert sum(rates) / len(rates) == pytest.approx(models.BLOCK_RATE / 2)
     assert 0.15 < fraction < 0.25
@@ -30,19 +31,41 @@ def test_variants_share_weights_and_timm_rates():
     assert our_rates == pytest.approx(timm_rates)
 
 
-def test_markdown_reports_each_model_row_and_the_block_saving():
+def test_subset_fraction_uses_the_effective_rates_at_the_batch():
+    model = models.build("vit_small_patch16_224", 32, torch.device("cpu"), models.SUBSET_HIGH)
+    drops = [m for m in model.modules() if isinstance(m, DropPathAdd)]
+    assert {m.mode for m in drops} == {"subset"}
+    x = torch.randn(2, 3, 32, 32)
+    at_8, at_64 = (models.expected_skipped_fraction(model, x, batch) for batch in (8, 64))
+    # At batch 8 every rate above 0 drops at least one sample of 8: more than the nominal mean 0.2.
+    assert at_8 > at_64 and 0.15 < at_64 < 0.25
+
+
+def test_dinov2_anchor_keeps_k_samples_scaled_by_b_over_k():
+    model = models.build("vit_small_patch16_224", 32, torch.device("cpu"), models.DINOV2_HIGH)
+    anchors = [m for m in model.modules() if isinstance(m, Dinov2StyleSubsetAdd)]
+    assert len(anchors) == 24 and not any(isinstance(m, DropPathAdd) for m in model.modules())
+    anchor = anchors[-1]  # rate 0.4: 5 of 8 kept
+    residual, h = torch.randn(8, 3), torch.randn(8, 3)
+    out = anchor.add_branch(lambda t: t, residual, lambda: [], (h,))
+    changed = (out != residual).any(dim=1)
+    assert int(changed.sum()) == 5
+    torch.testing.assert_close(out[changed], residual[changed] + 8 / 5 * h[changed])
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+
+
+def test_markdown_reports_each_model_row_and_the_skipping_savings():
     rows = [{"name": models.NONE, "median_ms": 100.0, "mean_ms": 101.0, "min_ms": 99.0, "change_vs_none": 0.0,
              "mean_change_vs_none": 0.0},
             {"name": models.BLOCK, "median_ms": 80.0, "mean_ms": 75.75, "min_ms": 70.0, "change_vs_none": -0.2,
-             "mean_change_vs_none": -0.25}]
+             "mean_change_vs_none": -0.25, "expected_skipped_flops_fraction": 0.25, "saving_vs_expected": 0.8}]
     result = {"device": "cpu", "device_type": "cpu", "threads": 2, "torch": "2.x", "date": "today",
               "command": "python -m bench.models", "batch": 8, "image_size": 128, "samples": 3,
-              "models": {"ResNet-50": {"expected_skipped_flops_fraction": 0.25, "block_saving_vs_expected": 0.8,
-                                       "rows": rows}}}
+              "models": {"ResNet-50": {"rows": rows}}}
     table = models.markdown(result)
     assert "ResNet-50:" in table
-    assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 |" in table
-    assert "expected share of FLOPs skipped 25.0%; the mean step time saved is 80% of that" in table
+    assert "| no stochastic depth | 100.0 | +0.0% | 101.0 | +0.0% | 99.0 |  |  |" in table
+    assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 | 25.0% | 80% |" in table
 
 
 def test_models_default_per_device_and_can_be_chosen(capsys):

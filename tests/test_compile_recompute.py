@@ -44,11 +44,12 @@ def step(fn, inputs, parameters, seed):
 
 
 def assert_same_steps(compiled, eager, inputs, parameters, seeds=range(3)):
-    """Same output and gradients for each seed, up to 1e-5: compiled code reorders the float32
-    arithmetic around the op (the linear layers, tanh); a row given another mask differs by O(1)."""
+    """Same output and gradients for each seed, up to 1e-4: compiled code reorders the float32
+    arithmetic around the op (the linear layers, attention, tanh; a timm ViT's gradients differed by
+    1.6e-5 with timm 1.0.31); a row given another mask differs by O(1)."""
     for seed in seeds:
         for got, want in zip(step(compiled, inputs, parameters, seed), step(eager, inputs, parameters, seed)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 KERNELS = [pytest.param(("cpu", "cpu"), id="cpu"), pytest.param(("reference", "cpu"), id="reference"),

@@ -42,7 +42,7 @@ def _train(rank, port):
             torch.manual_seed(0)  # every rank seeded alike, as training scripts usually do
             masks = _gathered(drop_path(torch.ones(512, 1), 0.5))
             assert torch.equal(masks[0], masks[1]) == (scope == "global"), f"seed scope {scope!r}"
-            for method in ("sample", "block"):
+            for method in ("sample", "block", "subset"):
                 for static_graph in (False, True):
                     model = small_resnet(method)
                     ddp = DistributedDataParallel(model, static_graph=static_graph)
@@ -107,7 +107,7 @@ def _run_on_two_ranks(worker, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_trains_both_methods_with_identical_parameters_on_every_rank():
+def test_ddp_trains_every_method_with_identical_parameters_on_every_rank():
     _run_on_two_ranks(_train, "DDP training")
 
 

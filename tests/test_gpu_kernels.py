@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from helpers import assert_matches, kept_rows, random_tensor, registered_ops
-from stochdepth_kernels import available_backends, drop_path, fused_drop_path_add, relu_mask
+from helpers import assert_matches, kept_rows, random_tensor, registered_ops, registered_subset_ops
+from stochdepth_kernels import (StochasticDepth, available_backends, drop_path, drop_path_add_subset,
+                                fused_drop_path_add, reference, relu_mask)
 from stochdepth_kernels.seeding import draw_seed
 
 pytestmark = pytest.mark.cuda
@@ -49,6 +50,20 @@ def test_opcheck_and_compile(backend):
     block(x, residual, torch.tensor(0.7, dtype=torch.float64, device="cuda"))  # a new p: same graph
 
 
+def captured_graph(step):
+    """``(graph, outputs)`` of ``step`` captured in a CUDA graph, after a warm-up (and Triton's
+    autotuning) on a side stream outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 def test_cuda_graph_of_forward_and_backward_draws_a_fresh_mask_each_replay(backend):
     x, residual = (random_tensor((64, 8, 8), device="cuda").requires_grad_() for _ in range(2))
 
@@ -57,14 +72,7 @@ def test_cuda_graph_of_forward_and_backward_draws_a_fresh_mask_each_replay(backe
         out = fused_drop_path_add(x, residual, 0.5, activation="relu", seed=seed, backend=backend)
         return (seed, out, *torch.autograd.grad(out, (x, residual), torch.ones_like(out)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and Triton's autotuning) outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = captured_graph(step)
     masks = set()
     for _ in range(4):
         graph.replay()
@@ -77,6 +85,59 @@ def test_cuda_graph_of_forward_and_backward_draws_a_fresh_mask_each_replay(backe
             assert_matches(got, want, name)
         masks.add(tuple(kept_rows(drop_path(x.detach(), 0.5, seed=seed, backend="reference")).tolist()))
     assert len(masks) == 4, "a replay reused a mask"
+
+
+def test_subset_ops_opcheck_compile_and_cuda_graph(backend, monkeypatch):
+    """The subset method's ops (opcheck), a compiled subset block (fullgraph: eager's rows for one
+    seed, no recompile on a second step), and a captured forward+backward whose replays draw new rows."""
+    rows_op, add, gather, relu_backward = registered_subset_ops(backend)
+    seed = torch.tensor([5], device="cuda")
+    assert torch.equal(rows_op(seed, 300, 211).cpu(), reference.subset_rows(seed.cpu(), 300, 211))
+    rows = rows_op(seed, 8, 6)
+    y = random_tensor((6, 16, 9, 9), torch.bfloat16, "channels_last", device="cuda").requires_grad_()
+    residual = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
+    torch.library.opcheck(rows_op, (seed, 8, 6))
+    torch.library.opcheck(add, (y, residual, rows, 8 / 6, True, True))
+    torch.library.opcheck(gather, (random_tensor((8, 16, 9, 9), device="cuda"), rows, 8 / 6, torch.bfloat16))
+    mask = relu_mask.pack(torch.relu(random_tensor((8, 16, 9, 9), device="cuda")))
+    torch.library.opcheck(relu_backward, (random_tensor((8, 16, 9, 9), device="cuda"), mask, rows, 8 / 6,
+                                          torch.bfloat16, torch.float32))
+
+    monkeypatch.setenv("STOCHDEPTH_BACKEND", backend)
+    torch.manual_seed(0)
+    block = StochasticDepth(torch.nn.Linear(16, 16), p=0.25, mode="subset", activation="relu").cuda()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(2):
+            x = torch.randn(8, 5, 16, device="cuda", requires_grad=True)
+            torch.manual_seed(step)
+            got = compiled(x)
+            torch.manual_seed(step)
+            assert_matches(got, block(x))
+
+    x, residual = (random_tensor((64, 8, 8), device="cuda").requires_grad_() for _ in range(2))
+    weight = torch.randn(8, device="cuda", requires_grad=True)
+
+    def step():
+        seed = draw_seed(x.device)
+        out = drop_path_add_subset(lambda t: t * weight, x, residual, 0.5, activation="relu", seed=seed,
+                                   backend=backend)
+        return (seed, out, *torch.autograd.grad(out, (x, residual, weight), torch.ones_like(out)))
+
+    graph, captured = captured_graph(step)
+    seeds = set()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        seed = captured[0].clone()
+        inputs = tuple(t.detach().requires_grad_() for t in (x, residual, weight))
+        expected = drop_path_add_subset(lambda t: t * inputs[2], inputs[0], inputs[1], 0.5, activation="relu",
+                                        seed=seed, backend="reference")
+        expected = (expected, *torch.autograd.grad(expected, inputs, torch.ones_like(expected)))
+        for name, got, want in zip(["out", "grad_x", "grad_residual", "grad_weight"], captured[1:], expected):
+            torch.testing.assert_close(got, want, msg=name)
+        seeds.add(int(seed))
+    assert len(seeds) == 3, "a replay reused the seed"
 
 
 def test_int64_indexing_past_2_31_elements(backend):

@@ -236,3 +236,64 @@ def test_both_surgery_functions_are_exported_at_the_top_level():
     assert stochdepth_kernels.apply_drop_path is apply_drop_path
     with pytest.raises(AttributeError, match="has no attribute 'apply_dropout'"):
         stochdepth_kernels.apply_dropout  # noqa: B018
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_subset_method_trains_every_model_and_keeps_eval(name):
+    """``stochastic_method="subset"``: eval outputs as before surgery (timm's scaling), a training step
+    in which every parameter gets a finite gradient (BatchNorm in a branch sees the kept samples), and
+    the report gives each block's effective rate at the batch size."""
+    model = build(name)
+    shape = (2, *MODELS[name][1][1:]) if MODELS[name][1][0] == 1 else (4, *MODELS[name][1][1:])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference_output = model(x)
+    report = apply_drop_path(model, 0.3, stochastic_method="subset")
+    assert report.mode == "subset" and all("dropped samples skip the branch" in how for *_, how in report.changed)
+    batch = shape[0]
+    assert report.effective_rates(batch) == [1 - stochdepth_kernels.subset_size(batch, r) / batch for r in report.rates()]
+    with torch.no_grad():
+        assert torch.equal(model(x), reference_output)
+    model.train()
+    model(x).float().square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing[:5]
+
+
+def test_composer_subset_method_has_composer_scaling():
+    model = build("resnet18")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    report = apply_stochastic_depth(model, stochastic_method="subset", drop_rate=0.5)
+    assert report.mode == "subset"
+    drops = [m for m in model.modules() if isinstance(m, DropPathAdd)]
+    assert {d.mode for d in drops} == {"subset"} and not any(d.scale_by_keep for d in drops)
+    with torch.no_grad():
+        assert not torch.equal(model(x), before)  # eval: shortcut + (1 - p) * branch, as Composer's
+
+
+def test_vit_per_sample_attention_mask_is_indexed_with_the_kept_rows():
+    torch.manual_seed(0)
+    block = timm.models.vision_transformer.Block(dim=16, num_heads=2)
+    apply_drop_path(block, 0.5, stochastic_method="subset", drop_distribution="uniform")
+    block.train()
+    x = torch.randn(6, 5, 16)
+    mask = torch.randn(6, 1, 5, 5)
+    calls = []
+    attention = block.attn.forward
+
+    def recording(h, attn_mask=None, **kwargs):
+        calls.append((h.detach(), attn_mask))
+        return attention(h, attn_mask=attn_mask, **kwargs)
+
+    block.attn.forward = recording
+    block(x, attn_mask=mask)
+    h, got_mask = calls[0]
+    normed = block.norm1(x).detach()
+    rows = [next(b for b in range(6) if torch.equal(normed[b], row)) for row in h]
+    assert len(rows) == stochdepth_kernels.subset_size(6, 0.5) == 3
+    assert torch.equal(got_mask, mask[rows])
+    calls.clear()
+    block(x, attn_mask=torch.zeros(5, 5))  # a mask shared by every sample is passed as it is
+    assert calls[0][1].shape == (5, 5)

@@ -3,6 +3,7 @@
 // grid sized from the device's multiprocessor count, and registers them for the CUDA dispatch key.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
@@ -66,12 +67,59 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_cuda(
                                           x_dtype, residual_dtype);
 }
 
+__global__ void uniforms_kernel(const int64_t* seed, float* uniforms, int64_t batch) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (row < batch) uniforms[row] = philox_uniform(static_cast<uint64_t>(*seed), static_cast<uint64_t>(row));
+}
+
+// The kept rows: each row's coin (philox_uniform(seed, b)), a stable sort of the coins (ties keep
+// the smaller row first), the first `kept` rows put back in ascending order. Three launches, no sync.
+Tensor subset_rows_cuda(const Tensor& seed, int64_t batch, int64_t kept) {
+  check_seed(seed);
+  TORCH_CHECK_VALUE(batch >= 0 && kept >= 0 && kept <= batch, "kept must be in [0, batch], got kept=",
+                    std::to_string(kept), " and batch=", std::to_string(batch));
+  const c10::cuda::CUDAGuard guard(seed.device());
+  Tensor uniforms = at::empty({batch}, seed.options().dtype(at::kFloat));
+  if (batch > 0) {
+    uniforms_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0,
+                      c10::cuda::getCurrentCUDAStream()>>>(seed.const_data_ptr<int64_t>(),
+                                                           uniforms.mutable_data_ptr<float>(), batch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const Tensor order = std::get<1>(at::sort(uniforms, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  return std::get<0>(at::sort(order.narrow(0, 0, kept), /*stable=*/false, /*dim=*/0, /*descending=*/false));
+}
+
+std::tuple<Tensor, Tensor> subset_add_cuda(const Tensor& y, const Tensor& residual, const Tensor& rows, double scale,
+                                           bool relu, bool save_relu_mask) {
+  check_same_device(y, "y", residual, "residual");
+  const c10::cuda::CUDAGuard guard(residual.device());
+  return subset_add_with(GpuLauncher{}, y, residual, rows, scale, relu, save_relu_mask);
+}
+
+Tensor subset_gather_cuda(const Tensor& grad, const Tensor& rows, double scale, at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return subset_gather_with(GpuLauncher{}, grad, rows, scale, out_dtype);
+}
+
+std::tuple<Tensor, Tensor> subset_add_relu_backward_cuda(const Tensor& grad, const Tensor& relu_mask,
+                                                         const Tensor& rows, double scale, at::ScalarType y_dtype,
+                                                         at::ScalarType residual_dtype) {
+  check_same_device(relu_mask, "relu_mask", grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return subset_add_relu_backward_with(GpuLauncher{}, grad, relu_mask, rows, scale, y_dtype, residual_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stochdepth, CUDA, m) {
   m.impl("drop_path_add", &drop_path_add_cuda);
   m.impl("drop_path", &drop_path_cuda);
   m.impl("drop_path_add_relu_backward", &drop_path_add_relu_backward_cuda);
+  m.impl("subset_rows", &subset_rows_cuda);
+  m.impl("subset_add", &subset_add_cuda);
+  m.impl("subset_gather", &subset_gather_cuda);
+  m.impl("subset_add_relu_backward", &subset_add_relu_backward_cuda);
 }
 
 }  // namespace stochdepth

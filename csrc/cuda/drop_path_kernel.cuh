@@ -22,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -82,11 +83,48 @@ constexpr int pack_width() {
 // The coin inputs of a call, in device memory.
 struct Coin {
   const int64_t* seed;  // nullptr: no coin is drawn (eval, or p known to be 0)
-  const double* p;
+  const double* p;      // a subset call: the kept rows' scale
   bool training;
   bool batch_mode;
   bool scale_by_keep;
+  bool subset;
+  const int64_t* rows;  // a subset call's kept rows (ascending)
+  int64_t kept;
+  bool search_rows;     // x's row of walked row b: its position in rows (-1: dropped), else rows[b]
 };
+
+// Where kept row `row` sits in the ascending `rows`, -1 if it is not kept.
+__device__ __forceinline__ int64_t position_in(const int64_t* rows, int64_t kept, int64_t row) {
+  int64_t low = 0, high = kept;
+  while (low < high) {
+    const int64_t middle = (low + high) / 2;
+    if (rows[middle] < row) {
+      low = middle + 1;
+    } else {
+      high = middle;
+    }
+  }
+  return low < kept && rows[low] == row ? low : -1;
+}
+
+// The factor on x of run `run` and the run of x it reads (or writes): the walked tensor's own run in
+// row and batch mode; in a subset call (batch outermost: a run is a row) the row of the branch's k
+// rows, a dropped row (-1) getting factor 0.
+template <typename acc_t>
+struct RowPlan {
+  acc_t factor;
+  int64_t x_run;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowPlan<acc_t> row_plan(const Coin& coin, const RowFactorParams& params, uint64_t seed,
+                                                   int64_t run, int64_t batch) {
+  if (coin.subset) {
+    const int64_t x_row = coin.search_rows ? position_in(coin.rows, coin.kept, run) : coin.rows[run];
+    return {x_row >= 0 ? static_cast<acc_t>(*coin.p) : acc_t(0), x_row};
+  }
+  return {row_factor<acc_t>(params, seed, run % batch), run};
+}
 
 // Packs a thread handles back to back: one mask byte's worth for an op that uses the mask, else 1.
 template <int N, typename Op>
@@ -129,21 +167,23 @@ struct Unit {
 };
 
 // Loads the unit starting `first` elements into the run that starts at `run_base`.
+// Loads the unit starting `first` elements into the run `run` (x's: plan.x_run).
 template <int N, int kUnit, typename Op, typename acc_t>
-__device__ __forceinline__ void load_unit(const Op& op, Unit<N, kUnit, Op>& unit, acc_t factor, const Geometry& g,
-                                          int64_t run, int64_t first, bool vectorized) {
+__device__ __forceinline__ void load_unit(const Op& op, Unit<N, kUnit, Op>& unit, const RowPlan<acc_t>& plan,
+                                          const Geometry& g, int64_t run, int64_t first, bool vectorized) {
   if constexpr (Op::kReadsMask) unit.mask_bits = op.relu_mask[run * g.mask_bytes_per_run + first / kMaskGroup];
 #pragma unroll
   for (int q = 0; q < kUnit; ++q) {
     const int64_t i = first + q * N;
     if (i < g.run_length) {
-      unit.packs[q] = op.template load<N>(factor, run * g.run_length + i, g.run_length - i, vectorized);
+      unit.packs[q] = op.template load<N>(plan.factor, run * g.run_length + i, plan.x_run * g.run_length + i,
+                                          g.run_length - i, vectorized);
     }
   }
 }
 
 template <int N, int kUnit, typename Op, typename acc_t>
-__device__ __forceinline__ void store_unit(const Op& op, const Unit<N, kUnit, Op>& unit, acc_t factor,
+__device__ __forceinline__ void store_unit(const Op& op, const Unit<N, kUnit, Op>& unit, const RowPlan<acc_t>& plan,
                                            const Geometry& g, int64_t run, int64_t first, bool vectorized) {
   uint32_t bits = 0;
 #pragma unroll
@@ -151,8 +191,8 @@ __device__ __forceinline__ void store_unit(const Op& op, const Unit<N, kUnit, Op
     const int64_t i = first + q * N;
     if (i < g.run_length) {
       const uint32_t in_bits = Op::kReadsMask ? unit.mask_bits >> (q * N) : 0u;
-      bits |= op.template store<N>(factor, unit.packs[q], run * g.run_length + i, g.run_length - i, vectorized,
-                                   in_bits) << (q * N);
+      bits |= op.template store<N>(plan.factor, unit.packs[q], run * g.run_length + i, plan.x_run * g.run_length + i,
+                                   g.run_length - i, vectorized, in_bits) << (q * N);
     }
   }
   if constexpr (Op::kWritesMask) {
@@ -161,8 +201,9 @@ __device__ __forceinline__ void store_unit(const Op& op, const Unit<N, kUnit, Op
 }
 
 // Runs `op` over this block's share of the tensor, a pack at a time: op.load<N>(factor, offset,
-// valid, vectorized) reads the pack at `offset` (`valid` elements of its run left from there) and
-// op.store<N>(factor, loaded, ..., mask_bits) writes its results and returns its mask bits. A thread
+// x_offset, valid, vectorized) reads the pack at `offset` (x's at `x_offset`; `valid` elements of
+// its run left from there) and op.store<N>(factor, loaded, ..., mask_bits) writes its results and
+// returns its mask bits. A thread
 // loads all its units of a chunk (kUnroll packs) before storing any, so its loads are in flight
 // together.
 template <int N, typename Op>
@@ -177,10 +218,10 @@ __device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, co
     for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < g.units; u += stride) {
       const int64_t run = u / g.units_per_run;
       const int64_t first = (u - run * g.units_per_run) * kUnit;
-      const acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
+      const RowPlan<acc_t> plan = row_plan<acc_t>(coin, params, seed, run, g.batch);
       Unit<1, kUnit, Op> unit{};
-      load_unit(op, unit, factor, g, run, first, false);
-      store_unit(op, unit, factor, g, run, first, false);
+      load_unit(op, unit, plan, g, run, first, false);
+      store_unit(op, unit, plan, g, run, first, false);
     }
     return;
   }
@@ -192,23 +233,23 @@ __device__ __forceinline__ void for_each_pack(const Op& op, const Coin& coin, co
   if (first_chunk >= last) return;
   int64_t run = first_chunk / g.chunks_per_run;
   int64_t chunk_in_run = first_chunk - run * g.chunks_per_run;
-  acc_t factor = row_factor<acc_t>(params, seed, run % g.batch);
+  RowPlan<acc_t> plan = row_plan<acc_t>(coin, params, seed, run, g.batch);
   for (int64_t chunk = first_chunk; chunk < last; ++chunk) {
     Unit<N, kUnit, Op> units[kUnits];
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       const int64_t first = chunk_in_run * kChunk + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * kUnit * N;
-      if (first < g.run_length) load_unit(op, units[u], factor, g, run, first, vectorized);
+      if (first < g.run_length) load_unit(op, units[u], plan, g, run, first, vectorized);
     }
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
       const int64_t first = chunk_in_run * kChunk + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * kUnit * N;
-      if (first < g.run_length) store_unit(op, units[u], factor, g, run, first, vectorized);
+      if (first < g.run_length) store_unit(op, units[u], plan, g, run, first, vectorized);
     }
     if (++chunk_in_run == g.chunks_per_run && chunk + 1 < last) {
       chunk_in_run = 0;
       ++run;
-      factor = row_factor<acc_t>(params, seed, run % g.batch);
+      plan = row_plan<acc_t>(coin, params, seed, run, g.batch);
     }
   }
 }
@@ -241,17 +282,18 @@ struct DropPathOp {
   uint8_t* relu_mask;  // kSaveMask only
 
   template <int N>
-  __device__ __forceinline__ Loaded<N> load(acc_t factor, int64_t offset, int64_t valid, bool vectorized) const {
+  __device__ __forceinline__ Loaded<N> load(acc_t factor, int64_t offset, int64_t x_offset, int64_t valid,
+                                            bool vectorized) const {
     Loaded<N> loaded{};
     if constexpr (kResidual) loaded.residual = load_pack<N>(residual + offset, valid, vectorized);
-    if (factor != acc_t(0)) loaded.x = load_pack<N>(x + offset, valid, vectorized);
+    if (factor != acc_t(0)) loaded.x = load_pack<N>(x + x_offset, valid, vectorized);
     return loaded;
   }
 
   // Returns the pack's mask bits (kSaveMask), read back from the stored dtype as the eager relu
   // backward reads its output; elements past `valid` are zeros, so their bits are 0.
   template <int N>
-  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
+  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t, int64_t valid,
                                             bool vectorized, uint32_t) const {
     Pack<out_t, N> result;
     uint32_t bits = 0;
@@ -278,8 +320,9 @@ struct DropPathOp {
 };
 
 // grad_residual = grad where the mask bit is set (relu passed), else 0; grad_x = factor *
-// grad_residual (exactly 0 in a dropped row).
-template <typename g_t, typename gx_t, typename gr_t>
+// grad_residual (exactly 0 in a dropped row; kSubset: grad_x holds the kept rows only, written at
+// x_offset, and a dropped row writes none).
+template <typename g_t, typename gx_t, typename gr_t, bool kSubset = false>
 struct ReluBackwardOp {
   using acc_t = at::opmath_type<g_t>;
   static constexpr int kPack = pack_width<g_t, gx_t, gr_t>();
@@ -296,13 +339,13 @@ struct ReluBackwardOp {
   gr_t* grad_residual;
 
   template <int N>
-  __device__ __forceinline__ Loaded<N> load(acc_t, int64_t offset, int64_t valid, bool vectorized) const {
+  __device__ __forceinline__ Loaded<N> load(acc_t, int64_t offset, int64_t, int64_t valid, bool vectorized) const {
     return Loaded<N>{load_pack<N>(grad + offset, valid, vectorized)};
   }
 
   template <int N>
-  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t valid,
-                                            bool vectorized, uint32_t mask_bits) const {
+  __device__ __forceinline__ uint32_t store(acc_t factor, const Loaded<N>& in, int64_t offset, int64_t x_offset,
+                                            int64_t valid, bool vectorized, uint32_t mask_bits) const {
     Pack<gx_t, N> gx;
     Pack<gr_t, N> gr;
 #pragma unroll
@@ -312,7 +355,7 @@ struct ReluBackwardOp {
       gx.v[k] = static_cast<gx_t>(factor == acc_t(0) ? acc_t(0) : factor * value);
     }
     store_pack<N>(grad_residual + offset, gr, valid, vectorized);
-    store_pack<N>(grad_x + offset, gx, valid, vectorized);
+    if (!kSubset || factor != acc_t(0)) store_pack<N>(grad_x + x_offset, gx, valid, vectorized);
     return 0u;
   }
 
@@ -328,7 +371,7 @@ struct CoinTensors {
 
   Coin coin(bool training, bool batch_mode, bool scale_by_keep) const {
     return Coin{seed ? seed->const_data_ptr<int64_t>() : nullptr, p.const_data_ptr<double>(), training, batch_mode,
-                scale_by_keep};
+                scale_by_keep, false, nullptr, 0, false};
   }
 };
 
@@ -342,6 +385,22 @@ inline CoinTensors coin_on_device(const std::optional<Tensor>& seed, const Tenso
   CoinTensors tensors{std::nullopt, p.to(out.device(), at::kDouble)};
   if (seed) tensors.seed = seed->to(out.device());
   return tensors;
+}
+
+// A subset call's coin: its kept rows and their scale (on the device, read as p is).
+struct SubsetCoin {
+  Tensor scale;
+  Tensor rows;
+
+  Coin coin(bool search_rows) const {
+    return Coin{nullptr, scale.const_data_ptr<double>(), false, false, true, true, rows.const_data_ptr<int64_t>(),
+                rows.numel(), search_rows};
+  }
+};
+
+inline SubsetCoin subset_coin(const Tensor& rows, double scale, const Tensor& out) {
+  check_scale(scale);
+  return SubsetCoin{at::full({}, scale, out.options().dtype(at::kDouble)), rows.contiguous()};
 }
 
 // How one launch covers `layout` (the dense tensor every pointer of `op` shares) with at most
@@ -462,6 +521,87 @@ std::tuple<Tensor, Tensor> drop_path_add_relu_backward_with(
     });
   });
   return {grad_x, grad_residual};
+}
+
+// The subset ops (op_schemas.h) on the same kernels: the walked tensor's row b reads (forward) or
+// writes (ReLU backward) the branch's row at b's position in rows, found by a binary search once per
+// run; the gather walks the k rows of its output, reading row rows[j] of grad.
+template <typename Launcher>
+std::tuple<Tensor, Tensor> subset_add_with(const Launcher& launcher, const Tensor& y, const Tensor& residual,
+                                           const Tensor& rows, double scale, bool relu, bool save_relu_mask) {
+  check_subset_shapes(y, residual, rows);
+  Tensor out = batch_outermost_empty(residual, c10::promoteTypes(y.scalar_type(), residual.scalar_type()));
+  Tensor relu_mask = make_relu_mask(out, relu, save_relu_mask);
+  if (out.numel() == 0) return {out, relu_mask};
+  const SubsetCoin coin = subset_coin(rows, scale, out);
+  const Tensor y_dense = in_rows_layout_of(y, out);
+  const Tensor r_dense = in_layout_of(residual, out);
+  STOCHDEPTH_DISPATCH_FLOATING(y.scalar_type(), "subset_add_cuda_y", [&] {
+    using y_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(residual.scalar_type(), "subset_add_cuda_r", [&] {
+      using r_t = scalar_t;
+      using out_t = promoted_t<y_t, r_t>;
+      const auto launch = [&](auto op) { launcher(op, coin.coin(true), plan_launch(op, out, launcher.max_blocks(out))); };
+      const y_t* y_ptr = y_dense.const_data_ptr<y_t>();
+      const r_t* r_ptr = r_dense.const_data_ptr<r_t>();
+      out_t* out_ptr = out.mutable_data_ptr<out_t>();
+      if (save_relu_mask) {
+        launch(DropPathOp<y_t, r_t, out_t, true, true>{y_ptr, r_ptr, out_ptr, true, relu_mask.mutable_data_ptr<uint8_t>()});
+      } else {
+        launch(DropPathOp<y_t, r_t, out_t, true>{y_ptr, r_ptr, out_ptr, relu, nullptr});
+      }
+    });
+  });
+  return {out, relu_mask};
+}
+
+template <typename Launcher>
+Tensor subset_gather_with(const Launcher& launcher, const Tensor& grad, const Tensor& rows, double scale,
+                          at::ScalarType out_dtype) {
+  check_batched(grad, "grad");
+  check_rows(rows, grad.size(0), grad.device());
+  const Tensor g_dense = in_batch_outermost(grad);
+  Tensor out = empty_rows_like(g_dense, rows.numel(), out_dtype);
+  if (out.numel() == 0) return out;
+  const SubsetCoin coin = subset_coin(rows, scale, out);
+  STOCHDEPTH_DISPATCH_FLOATING(grad.scalar_type(), "subset_gather_cuda_g", [&] {
+    using g_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(out_dtype, "subset_gather_cuda_out", [&] {
+      using out_t = scalar_t;
+      const DropPathOp<g_t, g_t, out_t, false> op{g_dense.const_data_ptr<g_t>(), nullptr, out.mutable_data_ptr<out_t>(),
+                                                  false, nullptr};
+      launcher(op, coin.coin(false), plan_launch(op, out, launcher.max_blocks(out)));
+    });
+  });
+  return out;
+}
+
+template <typename Launcher>
+std::tuple<Tensor, Tensor> subset_add_relu_backward_with(const Launcher& launcher, const Tensor& grad,
+                                                         const Tensor& relu_mask, const Tensor& rows, double scale,
+                                                         at::ScalarType y_dtype, at::ScalarType residual_dtype) {
+  check_relu_mask(relu_mask, grad);
+  check_same_device(relu_mask, "relu_mask", grad, "grad");
+  check_rows(rows, grad.size(0), grad.device());
+  TORCH_CHECK_VALUE(is_batch_outermost(grad), "grad must be in the subset forward's layout (batch outermost), got "
+                    "strides ", format_sizes(grad.strides()));
+  Tensor grad_y = empty_rows_like(grad, rows.numel(), y_dtype);
+  Tensor grad_residual = at::empty_like(grad, grad.options().dtype(residual_dtype));
+  if (grad.numel() == 0) return {grad_y, grad_residual};
+  const SubsetCoin coin = subset_coin(rows, scale, grad);
+  const Tensor grad_promoted = grad.to(c10::promoteTypes(y_dtype, residual_dtype));
+  STOCHDEPTH_DISPATCH_FLOATING(y_dtype, "subset_relu_backward_cuda_y", [&] {
+    using gy_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(residual_dtype, "subset_relu_backward_cuda_r", [&] {
+      using gr_t = scalar_t;
+      using g_t = promoted_t<gy_t, gr_t>;
+      const ReluBackwardOp<g_t, gy_t, gr_t, true> op{grad_promoted.const_data_ptr<g_t>(),
+                                                     relu_mask.const_data_ptr<uint8_t>(), grad_y.mutable_data_ptr<gy_t>(),
+                                                     grad_residual.mutable_data_ptr<gr_t>()};
+      launcher(op, coin.coin(true), plan_launch(op, grad_residual, launcher.max_blocks(grad_residual)));
+    });
+  });
+  return {grad_y, grad_residual};
 }
 
 }  // namespace stochdepth::kernel
