@@ -39,6 +39,8 @@ TAIL_LINES = 12  # of each phase's output, printed to stdout (the device tool re
 # in both dtypes, ViT-B/16 tokens in bf16.
 OP_CASES = ("ResNet-50 stage 1:float32", "ResNet-50 stage 1:bfloat16", "ViT-B/16 tokens:bfloat16")
 TRAINING_MODELS, TRAINING_BATCH, TRAINING_IMAGE, TRAINING_STEPS = ("ResNet-50", "ViT-B/16"), 128, 224, 10
+# The variants timed beside "none" (which always runs): five per model, one more than the phase first had.
+TRAINING_VARIANTS = ("sample", "block", "subset-0.4", "dinov2-0.4")
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,11 @@ def phases(out: Path, python: str = sys.executable, workers: int = PYTEST_WORKER
                "--pass", "forward", "forward+backward", "--output", str(op_json)),
               outputs=("op.json", "op.md", "op_bandwidth.png", "op_speedup.png")),
         Phase("models", f"training steps: {', '.join(TRAINING_MODELS)}, batch {TRAINING_BATCH} at "
-                        f"{TRAINING_IMAGE} px, every variant, {TRAINING_STEPS} timed steps each", 85,
+                        f"{TRAINING_IMAGE} px, variants {', '.join(TRAINING_VARIANTS)}, {TRAINING_STEPS} timed "
+                        "steps each", 85,
               (python, "-m", "bench.models", "--model", *TRAINING_MODELS, "--batch", str(TRAINING_BATCH),
-               "--image-size", str(TRAINING_IMAGE), "--samples", str(TRAINING_STEPS), "--output", str(models_json)),
+               "--image-size", str(TRAINING_IMAGE), "--samples", str(TRAINING_STEPS), "--variant",
+               *TRAINING_VARIANTS, "--output", str(models_json)),
               outputs=("models.json", "models.md")),
     ]
 

@@ -1,8 +1,9 @@
-"""The subset op against the row-mode op it stands in for, side by side on each of this package's
-kernels: forward and forward+backward of a call that draws its seed, selects the kept rows
-(``subset_rows``) and adds the branch's ``k`` rows into the ``B`` rows of the output
-(``subset_add``), and of ``fused_drop_path_add`` in row mode at the same rate, on tensors of real
-models (bench/cases.py), next to a ``copy_`` of the tensor measured in the same run.
+"""The subset op against the row-mode op it stands in for and against DINOv2's pure-PyTorch form,
+side by side on each of this package's kernels: forward and forward+backward of a call that draws
+its seed, selects the kept rows (``subset_rows``) and adds the branch's ``k`` rows into the ``B``
+rows of the output (``subset_add``); of ``fused_drop_path_add`` in row mode at the same rate; and of
+DINOv2's ``randperm`` + ``index_add(alpha=B/k)`` (+ ``relu``), on tensors of real models
+(bench/cases.py), next to a ``copy_`` of the tensor measured in the same run.
 
 GB/s is taken on each op's minimal bytes (``keep`` the kept share: ``1 - p`` in row mode, ``k / B``
 for the subset): forward ``(keep + 2) |x|``, both ops; backward without activation, row mode
@@ -53,8 +54,8 @@ def minimal_bytes(pass_name: str, size: int, element_bytes: int, keep: float, re
 
 
 def _calls(backend: str, shape: tuple[int, ...], dtype: torch.dtype, p: float, relu: bool, device: torch.device):
-    """(row-mode call, subset call) on fresh inputs, each returning its output and the inputs that
-    take gradients."""
+    """(row-mode call, subset call, DINOv2-style call, k/B) on fresh inputs, each call returning its
+    output and the inputs that take gradients."""
     batch = shape[0]
     kept = subset_size(batch, p)
     impl = BACKENDS[backend]
@@ -69,7 +70,12 @@ def _calls(backend: str, shape: tuple[int, ...], dtype: torch.dtype, p: float, r
         rows = impl.subset_rows(draw_seed(device), batch, kept)
         return impl.subset_add(y, residual, rows, batch / kept, relu), (y, residual)
 
-    return row, subset, kept / batch
+    def dinov2():
+        rows = torch.randperm(batch, device=device)[:kept]
+        out = torch.index_add(residual.flatten(1), 0, rows, y.flatten(1), alpha=batch / kept).view_as(residual)
+        return (torch.relu(out) if relu else out), (y, residual)
+
+    return row, subset, dinov2, kept / batch
 
 
 def _timed(call, pass_name: str):
@@ -109,20 +115,24 @@ def run(args) -> dict:
             for backend in backends:
                 for p in probabilities:
                     for relu in (False, True):
-                        row_call, subset_call, kept_share = _calls(backend, shape, dtype, p, relu, device)
+                        row_call, subset_call, dinov2_call, kept_share = _calls(backend, shape, dtype, p, relu,
+                                                                                device)
                         for pass_name in PASSES:
                             timings = measure_side_by_side({"row": _timed(row_call, pass_name),
-                                                            "subset": _timed(subset_call, pass_name)},
+                                                            "subset": _timed(subset_call, pass_name),
+                                                            "dinov2": _timed(dinov2_call, pass_name)},
                                                            device, samples=args.samples)
                             entry = {"tensor": label, "shape": list(shape), "dtype": dtype_name, "backend": backend,
                                      "p": p, "activation": "relu" if relu else "none", "pass": pass_name,
                                      "kept_share": kept_share, "copy_gbps": copy_gbps}
-                            for name, keep, subset in (("row", 1 - p, False), ("subset", kept_share, True)):
+                            for name, keep, subset in (("row", 1 - p, False), ("subset", kept_share, True),
+                                                       ("dinov2", kept_share, True)):
                                 moved = minimal_bytes(pass_name, size, cases.ELEMENT_BYTES[dtype_name], keep,
                                                       relu, subset)
                                 entry[f"{name}_ms"] = timings[name].median_s * 1e3
                                 entry[f"{name}_gbps"] = moved / timings[name].median_s / 1e9
                             entry["subset_bandwidth_vs_row"] = entry["subset_gbps"] / entry["row_gbps"]
+                            entry["speedup_vs_dinov2"] = entry["dinov2_ms"] / entry["subset_ms"]
                             rows.append(entry)
     return {"benchmark": "subset_op", **environment(device, args.command), "samples": args.samples, "rows": rows}
 
@@ -133,12 +143,14 @@ def markdown(result: dict) -> str:
              + f"; torch {result['torch']}; {result['date']}", f"`{result['command']}`; "
              f"median of {result['samples']} samples; GB/s on each op's minimal bytes (bench/subset_op.py)", "",
              "| tensor | dtype | backend | p | act | pass | k/B | row ms | row GB/s | subset ms | subset GB/s | "
-             "subset / row bandwidth | copy GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "subset / row bandwidth | DINOv2-style ms | subset speed-up vs DINOv2-style | copy GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['tensor']} {tuple(r['shape'])} | {r['dtype']} | {r['backend']} | {r['p']} | "
                      f"{r['activation']} | {r['pass']} | {r['kept_share']:.3f} | {r['row_ms']:.3f} | "
                      f"{r['row_gbps']:.1f} | {r['subset_ms']:.3f} | {r['subset_gbps']:.1f} | "
-                     f"{r['subset_bandwidth_vs_row']:.2f} | {r['copy_gbps']:.1f} |")
+                     f"{r['subset_bandwidth_vs_row']:.2f} | {r['dinov2_ms']:.3f} | {r['speedup_vs_dinov2']:.2f}x | "
+                     f"{r['copy_gbps']:.1f} |")
     return "\n".join(lines)
 
 

@@ -73,6 +73,10 @@ def test_models_default_per_device_and_can_be_chosen(capsys):
     assert all(label in models.MODELS for labels in models.DEFAULT_MODELS.values() for label in labels)
     assert models.DEFAULT_BATCH["cuda"] == (128, 224)
     assert models.parse_args(["--model", "ViT-B/16"]).model == ["ViT-B/16"]
+    assert models.parse_args(["--variant", "subset-0.4", "dinov2-0.4"]).variant == ["subset-0.4", "dinov2-0.4"]
+    assert sorted(models.BY_ID) == sorted(spec[0] for spec in models.VARIANTS.values())
+    from bench.gpu_check import TRAINING_VARIANTS
+    assert set(TRAINING_VARIANTS) <= set(models.BY_ID)
     with pytest.raises(SystemExit):
         models.parse_args(["--model", "ViT-H/14"])
     assert "invalid choice: 'ViT-H/14'" in capsys.readouterr().err

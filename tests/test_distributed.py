@@ -157,7 +157,10 @@ def _fsdp(rank, port):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (WORLD,))
     try:
-        for name, method, scope in itertools.product(("resnet", "vit"), ("sample", "block"), ("rank", "global")):
+        for name, method, scope in itertools.product(("resnet", "vit"), ("sample", "block", "subset"),
+                                                     ("rank", "global")):
+            if (name, method) == ("resnet", "subset"):
+                continue  # 1 of 2 samples kept: BatchNorm would see one value per channel at 1x1 (layer4)
             set_seed_scope(scope)
             model = _small_model(name, method)
             reference = copy.deepcopy(model)
@@ -183,8 +186,8 @@ def _fsdp(rank, port):
 
 @pytest.mark.slow
 def test_fsdp2_trains_like_one_process_with_the_same_batch_and_masks():
-    """fully_shard on every block and the root, two ranks: a small ResNet and a small ViT, both
-    methods, both seed scopes (per-rank masks: ranks drop different blocks); after every step the
+    """fully_shard on every block and the root, two ranks: a small ResNet and a small ViT, every
+    method (the subset method on the ViT), both seed scopes (per-rank masks: ranks drop different blocks); after every step the
     parameters equal one process running both ranks' halves with their masks."""
     _run_on_two_ranks(_fsdp, "FSDP2 training")
 
