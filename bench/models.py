@@ -185,5 +185,6 @@ def markdown(result: dict) -> str:
 def main(argv=None, command: str = "python -m bench.models") -> None:
     run_and_write(argv, command, parse_args, run, markdown, "models.json")
 
+
 if __name__ == "__main__":
     main()

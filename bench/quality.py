@@ -124,5 +124,6 @@ def markdown(result: dict) -> str:
 def main(argv=None, command: str = "python -m bench.quality") -> None:
     run_and_write(argv, command, parse_args, run, markdown, "quality.json")
 
+
 if __name__ == "__main__":
     main()

@@ -157,5 +157,6 @@ def markdown(result: dict) -> str:
 def main(argv=None, command: str = "python -m bench.subset_op") -> None:
     run_and_write(argv, command, parse_args, run, markdown, "subset_op.json")
 
+
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from stochdepth_kernels.functional import drop_path, fused_drop_path_add
 from stochdepth_kernels.ops import records_graph
 from stochdepth_kernels.reference import philox_uniform
 from stochdepth_kernels.seeding import draw_seed
-from stochdepth_kernels.subset import _for_backward, drop_path_add_subset, effective_drop_rate, subset_size
+from stochdepth_kernels.subset import backward_may_follow, drop_path_add_subset, effective_drop_rate, subset_size
 from stochdepth_kernels.tracing import capturing, fx_leaf
 
 __all__ = ["DropPath", "DropPathAdd", "StochasticDepth", "stochastic_depth"]
@@ -191,7 +191,7 @@ class DropPathAdd(_HasDropProbability):
             if subset_size(residual.shape[0], self.drop_prob) == 0:
                 return self._skipped(residual, parameters)
             seed = draw_seed(residual.device, scope=self.seed_scope,
-                             for_backward=_for_backward(residual, tuple(inputs), parameters()))
+                             for_backward=backward_may_follow(residual, tuple(inputs), parameters()))
         return drop_path_add_subset(branch, tuple(inputs), residual, self.drop_prob, training=self.training,
                                     scale_by_keep=self.scale_by_keep, activation=self.activation, seed=seed)
 

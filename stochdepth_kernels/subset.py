@@ -62,7 +62,7 @@ def _per_sample_inputs(inputs, batch: int, device: torch.device) -> tuple[Tensor
     return tuple(inputs)
 
 
-def _for_backward(residual: Tensor, inputs: tuple[Tensor, ...], parameters) -> bool:
+def backward_may_follow(residual: Tensor, inputs: tuple[Tensor, ...], parameters) -> bool:
     """Whether a backward may follow the call: autograd records its tensors or the branch's weights."""
     if records_graph(residual, *inputs):
         return True
@@ -98,7 +98,7 @@ def drop_path_add_subset(branch: Callable[..., Tensor], inputs, residual: Tensor
     impl = resolve_backend(backend, device, residual.numel() * residual.element_size())
     relu = activation == "relu"
     parameters = list(branch.parameters()) if isinstance(branch, torch.nn.Module) else []
-    seed_t = call_seed(training, p == 0.0, seed, generator, device, _for_backward(residual, inputs, parameters))
+    seed_t = call_seed(training, p == 0.0, seed, generator, device, backward_may_follow(residual, inputs, parameters))
     if seed_t is None:  # eval or p == 0: every row runs, factor 1 (or 1 - p)
         y = branch(*inputs)
         validation.check_pair(y, residual)
