@@ -135,6 +135,10 @@ inline at::Tensor in_batch_outermost(const at::Tensor& t) {
 // batch dimension outermost).
 inline at::Tensor empty_rows_like(const at::Tensor& layout, int64_t rows, at::ScalarType dtype) {
   std::vector<int64_t> sizes(layout.sizes().begin(), layout.sizes().end());
+  if (layout.size(0) == 0) {  // no row to take the layout from
+    sizes[0] = rows;
+    return at::empty(sizes, layout.options().dtype(dtype));
+  }
   std::vector<int64_t> strides(layout.strides().begin(), layout.strides().end());
   sizes[0] = rows;
   strides[0] = layout.size(0) > 0 ? layout.numel() / layout.size(0) : 1;

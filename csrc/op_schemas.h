@@ -40,6 +40,11 @@ constexpr const char* kSubsetAddSchema =
 constexpr const char* kSubsetGatherSchema =
     "subset_gather(Tensor grad, Tensor rows, float scale, ScalarType out_dtype) -> Tensor";
 
+// The transpose of subset_gather (the gradient of gathering the kept rows of a block's input):
+// out[b] = scale * y[j] where b = rows[j], 0 in every other of the `batch` rows (not reading y there).
+constexpr const char* kSubsetScatterSchema =
+    "subset_scatter(Tensor y, Tensor rows, int batch, float scale, ScalarType out_dtype) -> Tensor";
+
 // Backward of subset_add with relu: (grad_y, grad_residual), grad_residual = grad where the forward's
 // relu_mask bit is set, else 0; grad_y[j] = scale * grad_residual[rows[j]]. grad as for
 // drop_path_add_relu_backward.

@@ -12,6 +12,7 @@ TORCH_LIBRARY(stochdepth, m) {
   m.def(stochdepth::kSubsetRowsSchema);
   m.def(stochdepth::kSubsetAddSchema);
   m.def(stochdepth::kSubsetGatherSchema);
+  m.def(stochdepth::kSubsetScatterSchema);
   m.def(stochdepth::kSubsetReluBackwardSchema);
 }
 

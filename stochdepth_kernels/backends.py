@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from stochdepth_kernels import reference
-from stochdepth_kernels.ops import (NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA, eager_autograd,
-                                   eager_subset_autograd, ops)
+from stochdepth_kernels.ops import (NATIVE_GATHER_ROWS, NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA,
+                                   eager_autograd, eager_rows_autograd, eager_subset_autograd, ops)
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
@@ -25,15 +25,16 @@ class Backend:
     alone), in two forms: ``traced``, what torch.compile sees (the registered ``torch.library`` ops),
     and ``eager``, the same kernels and autograd rules without the dispatcher
     (:func:`~stochdepth_kernels.ops.eager_autograd`). ``subset_traced`` and ``subset_eager``: the
-    subset method's ``(subset_rows, subset_add)`` (``subset_add(y, residual, rows, scale, relu)``
-    returns the output alone) in the same two forms."""
+    subset method's ``(subset_rows, subset_add, gather_rows)`` (``subset_add(y, residual, rows, scale,
+    relu)`` returns the output alone; ``gather_rows(t, rows)``: the kept rows of a branch input, whose
+    gradient is one scatter pass) in the same two forms."""
 
     name: str
     device_types: tuple[str, ...] | None  # None: every device
     traced: tuple[Callable, Callable]
     eager: tuple[Callable, Callable]
-    subset_traced: tuple[Callable, Callable]
-    subset_eager: tuple[Callable, Callable]
+    subset_traced: tuple[Callable, Callable, Callable]
+    subset_eager: tuple[Callable, Callable, Callable]
 
     def runs_on(self, device: torch.device) -> bool:
         return self.device_types is None or device.type in self.device_types
@@ -47,7 +48,7 @@ class Backend:
     def drop_path(self, *args) -> torch.Tensor:
         return self._pair()[1](*args)
 
-    def _subset_pair(self) -> tuple[Callable, Callable]:
+    def _subset_pair(self) -> tuple[Callable, Callable, Callable]:
         return self.subset_traced if torch.compiler.is_compiling() else self.subset_eager
 
     def subset_rows(self, *args) -> torch.Tensor:
@@ -56,15 +57,19 @@ class Backend:
     def subset_add(self, *args) -> torch.Tensor:
         return self._subset_pair()[1](*args)
 
+    def gather_rows(self, *args) -> torch.Tensor:
+        return self._subset_pair()[2](*args)
+
 
 # The native ops dispatch on the tensors' device: "cpu" and "cuda" are the same ops, two kernels.
 _NATIVE_EAGER = eager_autograd(ops.drop_path_add.default, ops.drop_path.default,
                                ops.drop_path_add_relu_backward.default)
 _NATIVE_SUBSET_EAGER = (ops.subset_rows.default, eager_subset_autograd(
-    ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default))
-_NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED)
+    ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default),
+    eager_rows_autograd(ops.subset_gather.default, ops.subset_scatter.default))
+_NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED, NATIVE_GATHER_ROWS)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
-_REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add)
+_REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add, reference.gather_rows)
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
     "reference": Backend("reference", None, _REFERENCE, _REFERENCE, _REFERENCE_SUBSET, _REFERENCE_SUBSET),

@@ -21,8 +21,11 @@ def batch_outermost_empty(like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def empty_rows_like(layout: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
-    """``rows`` rows of ``layout``'s row shape, each in layout's row layout (batch outermost)."""
-    row_numel = layout.numel() // layout.shape[0] if layout.shape[0] > 0 else 1
+    """``rows`` rows of ``layout``'s row shape, each in layout's row layout (batch outermost;
+    contiguous when layout has no row)."""
+    if layout.shape[0] == 0:
+        return torch.empty((rows, *layout.shape[1:]), dtype=dtype, device=layout.device)
+    row_numel = layout.numel() // layout.shape[0]
     return torch.empty_strided((rows, *layout.shape[1:]), (row_numel, *layout.stride()[1:]), dtype=dtype,
                                device=layout.device)
 

@@ -76,6 +76,12 @@ def _subset_gather_fake(grad, rows, scale, out_dtype):
     return empty_rows_like(layout, rows.shape[0], out_dtype)
 
 
+@torch.library.register_fake("stochdepth::subset_scatter")
+def _subset_scatter_fake(y, rows, batch, scale, out_dtype):
+    layout = y if is_batch_outermost(y) else batch_outermost_empty(y, out_dtype)
+    return empty_rows_like(layout, batch, out_dtype)
+
+
 @torch.library.register_fake("stochdepth::subset_add_relu_backward")
 def _subset_relu_backward_fake(grad, relu_mask, rows, scale, y_dtype, residual_dtype):
     return empty_rows_like(grad, rows.shape[0], y_dtype), torch.empty_like(grad, dtype=residual_dtype)
@@ -270,6 +276,42 @@ def eager_subset_autograd(add_impl, gather_impl, relu_backward_impl) -> Callable
     return _subset_asking_for_relu_mask(add)
 
 
+def _rows_rules(scatter):
+    """``(setup, backward)`` of ``subset_gather`` (the kept rows of a branch input, or of a
+    gradient): its gradient is one ``scatter`` pass, the rows' gradients and zeros in the others."""
+
+    def setup(ctx, inputs, output):
+        t, rows, scale, _ = inputs
+        ctx.save_for_backward(rows)
+        ctx.batch, ctx.scale, ctx.dtype = t.shape[0], scale, t.dtype
+
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return scatter(grad, rows, ctx.batch, ctx.scale, ctx.dtype), None, None, None
+
+    return setup, backward
+
+
+def register_rows_autograd(gather_op, scatter_op) -> Callable:
+    """Autograd for one backend's registered ``subset_gather`` (backward: ``subset_scatter``); returns
+    ``gather_rows(t, rows)``, the kept rows of ``t`` as torch.compile traces it."""
+    setup, backward = _rows_rules(scatter_op)
+    torch.library.register_autograd(gather_op, backward, setup_context=setup)
+    return lambda t, rows: gather_op(t, rows, 1.0, t.dtype)
+
+
+def eager_rows_autograd(gather_impl, scatter_impl) -> Callable:
+    """``gather_rows(t, rows)`` over one backend's implementations, differentiable through a
+    ``torch.autograd.Function`` with the registered op's rules."""
+    function = _function("GatherRowsFunction", gather_impl, *_rows_rules(scatter_impl))
+
+    def gather_rows(t, rows):
+        args = (t, rows, 1.0, t.dtype)
+        return function.apply(*args) if records_graph(t) else gather_impl(*args)
+
+    return gather_rows
+
+
 def records_graph(*inputs) -> bool:
     """Whether autograd records a call on ``inputs``: a backward may follow."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
@@ -280,3 +322,4 @@ NATIVE_TRACED = register_drop_path_autograd(ops.drop_path_add.default, ops.drop_
                                             ops.drop_path_add_relu_backward.default)
 NATIVE_SUBSET_TRACED = register_subset_autograd(ops.subset_add.default, ops.subset_gather.default,
                                                 ops.subset_add_relu_backward.default)
+NATIVE_GATHER_ROWS = register_rows_autograd(ops.subset_gather.default, ops.subset_scatter.default)

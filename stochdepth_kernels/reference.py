@@ -166,6 +166,20 @@ def subset_gather(grad: Tensor, rows: Tensor, scale: float, out_dtype: torch.dty
     return empty_rows_like(grad, rows.numel(), out_dtype).copy_(value)
 
 
+def subset_scatter(y: Tensor, rows: Tensor, batch: int, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``scale * y[j]`` in row ``rows[j]`` of ``batch`` rows, 0 in the others, in ``out_dtype``."""
+    acc = _accumulate_dtype(torch.promote_types(y.dtype, out_dtype))
+    y = in_batch_outermost(y)
+    value = torch.zeros((batch, *y.shape[1:]), dtype=acc, device=y.device)
+    value.index_copy_(0, rows, torch.tensor(scale, dtype=acc, device=y.device) * y.to(acc))
+    return empty_rows_like(y, batch, out_dtype).copy_(value)
+
+
+def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """The kept rows of a branch input (autograd by PyTorch)."""
+    return t.index_select(0, rows)
+
+
 def subset_add_relu_backward(grad: Tensor, relu_mask: Tensor, rows: Tensor, scale: float, y_dtype: torch.dtype,
                              residual_dtype: torch.dtype):
     """``(grad_y, grad_residual)`` of ``relu(subset_add(...))`` given the forward's ReLU sign mask."""

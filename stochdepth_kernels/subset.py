@@ -62,6 +62,14 @@ def _per_sample_inputs(inputs, batch: int, device: torch.device) -> tuple[Tensor
     return tuple(inputs)
 
 
+def _kept_rows(impl, t: Tensor, rows: Tensor) -> Tensor:
+    """The kept rows of a branch input: the backend's gather (its gradient one scatter pass, where
+    index_select's zero-fills and then adds) for a dense floating tensor, else ``index_select``."""
+    if t.is_floating_point() and t.layout == torch.strided and not t.is_nested:
+        return impl.gather_rows(t, rows)
+    return t.index_select(0, rows)
+
+
 def backward_may_follow(residual: Tensor, inputs: tuple[Tensor, ...], parameters) -> bool:
     """Whether a backward may follow the call: autograd records its tensors or the branch's weights."""
     if records_graph(residual, *inputs):
@@ -111,7 +119,7 @@ def drop_path_add_subset(branch: Callable[..., Tensor], inputs, residual: Tensor
     if kept == 0:
         return torch.relu(residual) if relu else residual.clone()
     rows = impl.subset_rows(seed_t, batch, kept)
-    y = branch(*(t.index_select(0, rows) for t in inputs))
+    y = branch(*(_kept_rows(impl, t, rows) for t in inputs))
     if not isinstance(y, Tensor) or y.shape != (kept, *residual.shape[1:]):
         raise ValueError(f"branch must return the {kept} kept rows of residual's shape {tuple(residual.shape)}, got "
                          f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")

@@ -36,8 +36,8 @@ from torch.library import triton_op, wrap_triton
 
 from stochdepth_kernels.layouts import (batch_outermost_empty, empty_rows_like, in_batch_outermost,
                                         in_rows_layout_of, is_batch_outermost)
-from stochdepth_kernels.ops import (eager_autograd, eager_subset_autograd, in_layout, register_drop_path_autograd,
-                                    register_subset_autograd)
+from stochdepth_kernels.ops import (eager_autograd, eager_rows_autograd, eager_subset_autograd, in_layout,
+                                    register_drop_path_autograd, register_rows_autograd, register_subset_autograd)
 from stochdepth_kernels.relu_mask import check_relu_mask, relu_mask_bytes, run_length as run_length_of
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -314,6 +314,21 @@ def _subset_gather(grad: Tensor, rows: Tensor, scale: float, out_dtype: torch.dt
     return out
 
 
+def _subset_scatter(y: Tensor, rows: Tensor, batch: int, scale: float, out_dtype: torch.dtype) -> Tensor:
+    if y.dim() == 0 or rows.numel() != y.shape[0] or batch < y.shape[0]:
+        raise ValueError(f"y must hold the {rows.numel()} kept rows of a batch of {batch}, got shape {list(y.shape)}")
+    y = in_batch_outermost(y)
+    out = empty_rows_like(y, batch, out_dtype)
+    if out.numel() == 0:
+        return out
+    shared, flags = _subset_launch_config(out, torch.promote_types(y.dtype, out_dtype), _slot_of_rows(rows, batch),
+                                          scale)
+    y_dense = y if y.shape[0] > 0 else out  # no row of y is read
+    wrap_triton(_drop_path_add_forward_kernel)[_grid(out.numel(), shared[-1])](
+        y_dense, y_dense, out, out, *shared, HAS_RESIDUAL=False, RELU=False, SAVE_MASK=False, **flags)
+    return out
+
+
 def _subset_add_relu_backward(grad: Tensor, relu_mask: Tensor, rows: Tensor, scale: float, y_dtype: torch.dtype,
                               residual_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     check_relu_mask(relu_mask, grad)
@@ -339,10 +354,12 @@ TRACED = register_drop_path_autograd(triton_drop_path_add, triton_drop_path, tri
 triton_subset_rows = triton_op("stochdepth::triton_subset_rows", mutates_args=())(_subset_rows)
 triton_subset_add = triton_op("stochdepth::triton_subset_add", mutates_args=())(_subset_add)
 triton_subset_gather = triton_op("stochdepth::triton_subset_gather", mutates_args=())(_subset_gather)
+triton_subset_scatter = triton_op("stochdepth::triton_subset_scatter", mutates_args=())(_subset_scatter)
 triton_subset_add_relu_backward = triton_op("stochdepth::triton_subset_add_relu_backward",
                                             mutates_args=())(_subset_add_relu_backward)
 SUBSET_TRACED = (triton_subset_rows, register_subset_autograd(triton_subset_add, triton_subset_gather,
-                                                              triton_subset_add_relu_backward))
+                                                              triton_subset_add_relu_backward),
+                 register_rows_autograd(triton_subset_gather, triton_subset_scatter))
 
 
 def _launching_directly(fn):
@@ -359,4 +376,5 @@ def _launching_directly(fn):
 
 EAGER = eager_autograd(*map(_launching_directly, (_drop_path_add, _drop_path, _drop_path_add_relu_backward)))
 SUBSET_EAGER = (_launching_directly(_subset_rows), eager_subset_autograd(
-    *map(_launching_directly, (_subset_add, _subset_gather, _subset_add_relu_backward))))
+    *map(_launching_directly, (_subset_add, _subset_gather, _subset_add_relu_backward))),
+    eager_rows_autograd(*map(_launching_directly, (_subset_gather, _subset_scatter))))

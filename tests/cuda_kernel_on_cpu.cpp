@@ -69,6 +69,10 @@ Tensor subset_gather(const Tensor& grad, const Tensor& rows, double scale, at::S
   return subset_gather_with(SequentialLauncher{}, grad, rows, scale, out_dtype);
 }
 
+Tensor subset_scatter(const Tensor& y, const Tensor& rows, int64_t batch, double scale, at::ScalarType out_dtype) {
+  return subset_scatter_with(SequentialLauncher{}, y, rows, batch, scale, out_dtype);
+}
+
 std::tuple<Tensor, Tensor> subset_add_relu_backward(const Tensor& grad, const Tensor& relu_mask, const Tensor& rows,
                                                     double scale, at::ScalarType y_dtype,
                                                     at::ScalarType residual_dtype) {
@@ -84,6 +88,7 @@ TORCH_LIBRARY(stochdepth_cuda_on_cpu, m) {
   m.def(stochdepth::kReluBackwardSchema);
   m.def(stochdepth::kSubsetAddSchema);
   m.def(stochdepth::kSubsetGatherSchema);
+  m.def(stochdepth::kSubsetScatterSchema);
   m.def(stochdepth::kSubsetReluBackwardSchema);
 }
 
@@ -93,5 +98,6 @@ TORCH_LIBRARY_IMPL(stochdepth_cuda_on_cpu, CPU, m) {
   m.impl("drop_path_add_relu_backward", &drop_path_add_relu_backward);
   m.impl("subset_add", &subset_add);
   m.impl("subset_gather", &subset_gather);
+  m.impl("subset_scatter", &subset_scatter);
   m.impl("subset_add_relu_backward", &subset_add_relu_backward);
 }

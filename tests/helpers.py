@@ -94,12 +94,13 @@ def registered_ops(backend: str) -> tuple:
 
 
 def registered_subset_ops(backend: str) -> tuple:
-    """``(subset_rows, subset_add, subset_gather, subset_add_relu_backward)`` of ``backend`` as
-    registered torch.library ops (the simulated CUDA kernels have no subset_rows: None)."""
+    """``(subset_rows, subset_add, subset_gather, subset_add_relu_backward, subset_scatter)`` of
+    ``backend`` as registered torch.library ops (the simulated CUDA kernels have no subset_rows: None)."""
     if backend == "triton":
         from stochdepth_kernels import triton_backend as t
 
-        return t.triton_subset_rows, t.triton_subset_add, t.triton_subset_gather, t.triton_subset_add_relu_backward
+        return (t.triton_subset_rows, t.triton_subset_add, t.triton_subset_gather, t.triton_subset_add_relu_backward,
+                t.triton_subset_scatter)
     if backend in ("cpu", "cuda"):
         namespace = torch.ops.stochdepth
         rows = namespace.subset_rows.default
@@ -109,7 +110,8 @@ def registered_subset_ops(backend: str) -> tuple:
         assert backend == simulated_cuda.NAME, backend
         simulated_cuda.backend()
         namespace, rows = torch.ops.stochdepth_cuda_on_cpu, None
-    return rows, namespace.subset_add.default, namespace.subset_gather.default, namespace.subset_add_relu_backward.default
+    return (rows, namespace.subset_add.default, namespace.subset_gather.default,
+            namespace.subset_add_relu_backward.default, namespace.subset_scatter.default)
 
 
 def small_resnet(method: str = "sample") -> torch.nn.Module:

@@ -9,8 +9,8 @@ from torch.utils import cpp_extension
 
 from stochdepth_kernels import reference
 from stochdepth_kernels.backends import Backend
-from stochdepth_kernels.ops import (eager_autograd, eager_subset_autograd, register_drop_path_autograd,
-                                    register_subset_autograd)
+from stochdepth_kernels.ops import (eager_autograd, eager_rows_autograd, eager_subset_autograd,
+                                    register_drop_path_autograd, register_rows_autograd, register_subset_autograd)
 
 NAME = "cuda-kernel-on-cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +25,9 @@ def backend() -> Backend:
     ops = torch.ops.stochdepth_cuda_on_cpu
     registered = (ops.drop_path_add.default, ops.drop_path.default, ops.drop_path_add_relu_backward.default)
     subset = (ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default)
+    rows = (ops.subset_gather.default, ops.subset_scatter.default)
     # The CUDA selection (a uniforms kernel, then ATen's sort) runs on a GPU only: the rows come from
     # the reference here, the kernels' indexing is what this backend checks.
     return Backend(NAME, ("cpu",), register_drop_path_autograd(*registered), eager_autograd(*registered),
-                   (reference.subset_rows, register_subset_autograd(*subset)),
-                   (reference.subset_rows, eager_subset_autograd(*subset)))
+                   (reference.subset_rows, register_subset_autograd(*subset), register_rows_autograd(*rows)),
+                   (reference.subset_rows, eager_subset_autograd(*subset), eager_rows_autograd(*rows)))

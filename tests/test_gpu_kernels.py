@@ -90,7 +90,7 @@ def test_cuda_graph_of_forward_and_backward_draws_a_fresh_mask_each_replay(backe
 def test_subset_ops_opcheck_compile_and_cuda_graph(backend, monkeypatch):
     """The subset method's ops (opcheck), a compiled subset block (fullgraph: eager's rows for one
     seed, no recompile on a second step), and a captured forward+backward whose replays draw new rows."""
-    rows_op, add, gather, relu_backward = registered_subset_ops(backend)
+    rows_op, add, gather, relu_backward, scatter = registered_subset_ops(backend)
     seed = torch.tensor([5], device="cuda")
     assert torch.equal(rows_op(seed, 300, 211).cpu(), reference.subset_rows(seed.cpu(), 300, 211))
     rows = rows_op(seed, 8, 6)
@@ -98,7 +98,9 @@ def test_subset_ops_opcheck_compile_and_cuda_graph(backend, monkeypatch):
     residual = random_tensor((8, 16, 9, 9), torch.float32, "channels_last", device="cuda").requires_grad_()
     torch.library.opcheck(rows_op, (seed, 8, 6))
     torch.library.opcheck(add, (y, residual, rows, 8 / 6, True, True))
-    torch.library.opcheck(gather, (random_tensor((8, 16, 9, 9), device="cuda"), rows, 8 / 6, torch.bfloat16))
+    torch.library.opcheck(gather, (random_tensor((8, 16, 9, 9), device="cuda").requires_grad_(), rows, 8 / 6,
+                                   torch.bfloat16))
+    torch.library.opcheck(scatter, (random_tensor((6, 16, 9, 9), device="cuda"), rows, 8, 8 / 6, torch.float32))
     mask = relu_mask.pack(torch.relu(random_tensor((8, 16, 9, 9), device="cuda")))
     torch.library.opcheck(relu_backward, (random_tensor((8, 16, 9, 9), device="cuda"), mask, rows, 8 / 6,
                                           torch.bfloat16, torch.float32))

@@ -113,6 +113,36 @@ Tensor subset_gather_cpu(const Tensor& grad, const Tensor& rows, double scale, a
   return out;
 }
 
+Tensor subset_scatter_cpu(const Tensor& y, const Tensor& rows, int64_t batch, double scale, at::ScalarType out_dtype) {
+  check_batched(y, "y");
+  TORCH_CHECK_VALUE(batch >= y.size(0), "batch must hold y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(batch));
+  check_rows(rows, batch, y.device());
+  TORCH_CHECK_VALUE(rows.numel() == y.size(0), "rows must name y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(rows.numel()));
+  check_scale(scale);
+  const std::vector<int64_t> slot = slot_of_rows(rows, batch);
+  const Tensor y_dense = in_batch_outermost(y);
+  Tensor out = empty_rows_like(y_dense, batch, out_dtype);
+  const int64_t row_numel = out.numel() / std::max<int64_t>(batch, 1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "subset_scatter_cpu_y", [&] {
+    using y_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "subset_scatter_cpu_out", [&] {
+      using out_t = scalar_t;
+      using acc_t = at::opmath_type<promoted_t<y_t, out_t>>;
+      const y_t* y_ptr = y_dense.const_data_ptr<y_t>();
+      out_t* out_ptr = out.mutable_data_ptr<out_t>();
+      for_each_row_run(out, [&](int64_t row, int64_t start, int64_t n, int64_t) {
+        const int64_t j = slot[row];  // a dropped row is written 0 without reading y
+        scale_run(j < 0 ? y_ptr : y_ptr + j * row_numel + (start - row * row_numel), out_ptr + start, n,
+                  j < 0 ? acc_t(0) : static_cast<acc_t>(scale));
+      });
+    });
+  });
+  return out;
+}
+
 std::tuple<Tensor, Tensor> subset_add_relu_backward_cpu(const Tensor& grad, const Tensor& relu_mask,
                                                         const Tensor& rows, double scale, at::ScalarType y_dtype,
                                                         at::ScalarType residual_dtype) {
@@ -158,6 +188,7 @@ TORCH_LIBRARY_IMPL(stochdepth, CPU, m) {
   m.impl("subset_rows", &subset_rows_cpu);
   m.impl("subset_add", &subset_add_cpu);
   m.impl("subset_gather", &subset_gather_cpu);
+  m.impl("subset_scatter", &subset_scatter_cpu);
   m.impl("subset_add_relu_backward", &subset_add_relu_backward_cpu);
 }
 

@@ -102,6 +102,11 @@ Tensor subset_gather_cuda(const Tensor& grad, const Tensor& rows, double scale, 
   return subset_gather_with(GpuLauncher{}, grad, rows, scale, out_dtype);
 }
 
+Tensor subset_scatter_cuda(const Tensor& y, const Tensor& rows, int64_t batch, double scale, at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return subset_scatter_with(GpuLauncher{}, y, rows, batch, scale, out_dtype);
+}
+
 std::tuple<Tensor, Tensor> subset_add_relu_backward_cuda(const Tensor& grad, const Tensor& relu_mask,
                                                          const Tensor& rows, double scale, at::ScalarType y_dtype,
                                                          at::ScalarType residual_dtype) {
@@ -119,6 +124,7 @@ TORCH_LIBRARY_IMPL(stochdepth, CUDA, m) {
   m.impl("subset_rows", &subset_rows_cuda);
   m.impl("subset_add", &subset_add_cuda);
   m.impl("subset_gather", &subset_gather_cuda);
+  m.impl("subset_scatter", &subset_scatter_cuda);
   m.impl("subset_add_relu_backward", &subset_add_relu_backward_cuda);
 }
 

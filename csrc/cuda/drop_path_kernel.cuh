@@ -577,6 +577,32 @@ Tensor subset_gather_with(const Launcher& launcher, const Tensor& grad, const Te
 }
 
 template <typename Launcher>
+Tensor subset_scatter_with(const Launcher& launcher, const Tensor& y, const Tensor& rows, int64_t batch, double scale,
+                           at::ScalarType out_dtype) {
+  check_batched(y, "y");
+  TORCH_CHECK_VALUE(batch >= y.size(0), "batch must hold y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(batch));
+  check_rows(rows, batch, y.device());
+  TORCH_CHECK_VALUE(rows.numel() == y.size(0), "rows must name y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(rows.numel()));
+  const Tensor y_dense = in_batch_outermost(y);
+  Tensor out = empty_rows_like(y_dense, batch, out_dtype);
+  if (out.numel() == 0) return out;
+  const SubsetCoin coin = subset_coin(rows, scale, out);
+  STOCHDEPTH_DISPATCH_FLOATING(y.scalar_type(), "subset_scatter_cuda_y", [&] {
+    using y_t = scalar_t;
+    STOCHDEPTH_DISPATCH_FLOATING(out_dtype, "subset_scatter_cuda_out", [&] {
+      using out_t = scalar_t;
+      // The unary op walking the B output rows: a dropped row stores 0 without loading.
+      const DropPathOp<y_t, y_t, out_t, false> op{y_dense.const_data_ptr<y_t>(), nullptr,
+                                                  out.mutable_data_ptr<out_t>(), false, nullptr};
+      launcher(op, coin.coin(true), plan_launch(op, out, launcher.max_blocks(out)));
+    });
+  });
+  return out;
+}
+
+template <typename Launcher>
 std::tuple<Tensor, Tensor> subset_add_relu_backward_with(const Launcher& launcher, const Tensor& grad,
                                                          const Tensor& relu_mask, const Tensor& rows, double scale,
                                                          at::ScalarType y_dtype, at::ScalarType residual_dtype) {
