@@ -171,6 +171,16 @@ inline void check_subset_shapes(const at::Tensor& y, const at::Tensor& residual,
   check_rows(rows, residual.size(0), residual.device());
 }
 
+// y holds the rows.numel() kept rows of a batch of `batch` (subset_scatter's input).
+inline void check_scatter_shapes(const at::Tensor& y, const at::Tensor& rows, int64_t batch) {
+  check_batched(y, "y");
+  TORCH_CHECK_VALUE(batch >= y.size(0), "batch must hold y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(batch));
+  check_rows(rows, batch, y.device());
+  TORCH_CHECK_VALUE(rows.numel() == y.size(0), "rows must name y's ", std::to_string(y.size(0)), " rows, got ",
+                    std::to_string(rows.numel()));
+}
+
 inline void check_scale(double scale) {
   TORCH_CHECK_VALUE(scale > 0.0 && scale < INFINITY, "scale must be positive and finite, got ", std::to_string(scale));
 }

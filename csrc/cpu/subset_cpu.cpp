@@ -114,12 +114,7 @@ Tensor subset_gather_cpu(const Tensor& grad, const Tensor& rows, double scale, a
 }
 
 Tensor subset_scatter_cpu(const Tensor& y, const Tensor& rows, int64_t batch, double scale, at::ScalarType out_dtype) {
-  check_batched(y, "y");
-  TORCH_CHECK_VALUE(batch >= y.size(0), "batch must hold y's ", std::to_string(y.size(0)), " rows, got ",
-                    std::to_string(batch));
-  check_rows(rows, batch, y.device());
-  TORCH_CHECK_VALUE(rows.numel() == y.size(0), "rows must name y's ", std::to_string(y.size(0)), " rows, got ",
-                    std::to_string(rows.numel()));
+  check_scatter_shapes(y, rows, batch);
   check_scale(scale);
   const std::vector<int64_t> slot = slot_of_rows(rows, batch);
   const Tensor y_dense = in_batch_outermost(y);

@@ -579,12 +579,7 @@ Tensor subset_gather_with(const Launcher& launcher, const Tensor& grad, const Te
 template <typename Launcher>
 Tensor subset_scatter_with(const Launcher& launcher, const Tensor& y, const Tensor& rows, int64_t batch, double scale,
                            at::ScalarType out_dtype) {
-  check_batched(y, "y");
-  TORCH_CHECK_VALUE(batch >= y.size(0), "batch must hold y's ", std::to_string(y.size(0)), " rows, got ",
-                    std::to_string(batch));
-  check_rows(rows, batch, y.device());
-  TORCH_CHECK_VALUE(rows.numel() == y.size(0), "rows must name y's ", std::to_string(y.size(0)), " rows, got ",
-                    std::to_string(rows.numel()));
+  check_scatter_shapes(y, rows, batch);
   const Tensor y_dense = in_batch_outermost(y);
   Tensor out = empty_rows_like(y_dense, batch, out_dtype);
   if (out.numel() == 0) return out;
