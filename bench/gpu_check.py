@@ -9,8 +9,9 @@ is killed with everything it started, and the next phase runs.
 
 Under ``$OUT`` (at most ``MAX_FILES`` files, what the device tool brings back): ``gpu_check.log``
 (each phase's section with its command, output, exit status and wall time), ``phases.json`` (the
-same, one entry a phase), the op benchmark's ``op.json``, ``op.md`` and two plots, and the training
-steps' ``models.json`` and ``models.md``. tests/test_gpu_check.py checks on a CPU that every test
+same, one entry a phase), the op benchmark's ``op.json`` and ``op.md`` (bench/plots.py draws the
+plots from op.json), the training steps' ``models.json`` and ``models.md``, and the fixed cost's
+``fixed_cost.json`` and ``fixed_cost.md``. tests/test_gpu_check.py checks on a CPU that every test
 selection here exists and that the limits add up.
 """
 from __future__ import annotations
@@ -92,17 +93,21 @@ def phases(out: Path, python: str = sys.executable, workers: int = PYTEST_WORKER
         Phase("grid", "the rest of the GPU suite, every parametrized grid as a pairwise cover", 125,
               pytest_argv(python, grid, workers), grid, min_tests=120),
         Phase("op", "the op benchmark: " + ", ".join(OP_CASES) + "; p = 0.1, ReLU; forward and forward+backward, "
-                    "device time and the copy rate", 100,
+                    "device time and the copy rate", 90,
               (python, "-m", "bench.op", "--case", *OP_CASES, "--p", "0.1", "--activation", "relu",
-               "--pass", "forward", "forward+backward", "--output", str(op_json)),
-              outputs=("op.json", "op.md", "op_bandwidth.png", "op_speedup.png")),
+               "--pass", "forward", "forward+backward", "--no-plots", "--output", str(op_json)),
+              outputs=("op.json", "op.md")),  # plots from op.json: few files come back
         Phase("models", f"training steps: {', '.join(TRAINING_MODELS)}, batch {TRAINING_BATCH} at "
                         f"{TRAINING_IMAGE} px, variants {', '.join(TRAINING_VARIANTS)}, {TRAINING_STEPS} timed "
-                        "steps each", 85,
+                        "steps each", 80,
               (python, "-m", "bench.models", "--model", *TRAINING_MODELS, "--batch", str(TRAINING_BATCH),
                "--image-size", str(TRAINING_IMAGE), "--samples", str(TRAINING_STEPS), "--variant",
                *TRAINING_VARIANTS, "--output", str(models_json)),
               outputs=("models.json", "models.md")),
+        Phase("fixed_cost", "a call's fixed cost: ViT-B/16 tokens bf16 at batch 32 and 256, beside timm's chain, "
+                            "and its breakdown", 15,
+              (python, "-m", "bench.fixed_cost", "--samples", "15", "--output", str(out / "fixed_cost.json")),
+              outputs=("fixed_cost.json", "fixed_cost.md")),
     ]
 
 

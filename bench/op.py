@@ -51,6 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--backend", nargs="+", help="this package's backends to run (default: every kernel)")
     parser.add_argument("--samples", type=int, help="samples per measurement (default: 10 on a CPU, 7 on a GPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON and markdown only")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results (tables, plots beside)")
     args = parser.parse_args(argv)
     if args.case and (args.tensor or args.dtype):
@@ -236,7 +237,7 @@ def main(argv=None, command: str = "python -m bench.op") -> None:
     args.command = " ".join([command, *argv])
     result = run(args)
     stem = "op_thp" if result["thp_mem_alloc_enable"] == "1" else "op"
-    write_op_results(result, args.output or RESULTS / device_folder(result) / f"{stem}.json")
+    write_op_results(result, args.output or RESULTS / device_folder(result) / f"{stem}.json", plots=not args.no_plots)
 
 
 if __name__ == "__main__":

@@ -144,14 +144,16 @@ def write_results(result: dict, markdown: str, output: Path, printed: str | None
     return [output, output.with_suffix(".md")]
 
 
-def write_op_results(result: dict, output: Path) -> list[Path]:
-    """Checks ``result`` against the schema, prints the summary, writes JSON, markdown and plots."""
-    from bench.plots import plot_bandwidth, plot_speedups
-
+def write_op_results(result: dict, output: Path, plots: bool = True) -> list[Path]:
+    """Checks ``result`` against the schema, prints the summary, writes JSON, markdown and (``plots``)
+    the plots."""
     check_op_schema(result)
     written = write_results(result, op_markdown(result), output,
                             printed="\n" + heading(result) + "\n\n" + summary_table(result))
-    written += [plot_bandwidth(result, output.with_name(f"{output.stem}_bandwidth.png")),
-                plot_speedups(result, output.with_name(f"{output.stem}_speedup.png"))]
+    if plots:
+        from bench.plots import plot_bandwidth, plot_speedups
+
+        written += [plot_bandwidth(result, output.with_name(f"{output.stem}_bandwidth.png")),
+                    plot_speedups(result, output.with_name(f"{output.stem}_speedup.png"))]
     print("\nwritten: " + ", ".join(str(path) for path in written))
     return written

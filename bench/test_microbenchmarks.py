@@ -3,11 +3,11 @@
     pytest bench/ --benchmark-only [--benchmark-autosave | --benchmark-compare]
 
 One benchmark per tensor, dtype, pass and implementation at p=0.1 with ReLU, grouped by tensor,
-dtype and pass. Not part of `make test` (which runs tests/); `make bench` is the full report."""
+dtype and pass; and a call's fixed cost on small tensors (bench/fixed_cost.py). Not part of `make test` (which runs tests/); `make bench` is the full report."""
 import pytest
 import torch
 
-from bench import cases
+from bench import cases, fixed_cost
 from bench.implementations import AGAIN, COMPILED, implementations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,3 +45,15 @@ def test_fused_drop_path_add(benchmark, label, dtype, name, pass_name):
     else:
         call = lambda: torch.autograd.grad(fn(x, r), (x, r), g)  # noqa: E731
     benchmark.pedantic(_synchronised(call), warmup_rounds=3, rounds=20)
+
+
+@pytest.mark.parametrize("pass_name", fixed_cost.PASSES)
+@pytest.mark.parametrize("name", list(fixed_cost.implementations()))
+@pytest.mark.parametrize("label", list(fixed_cost.SHAPES[DEVICE.type]))
+def test_fixed_cost(benchmark, label, name, pass_name):
+    """A call's fixed cost (bench/fixed_cost.py): small tensors, p = 0.1, no activation."""
+    shape = fixed_cost.SHAPES[DEVICE.type][label]
+    benchmark.group = f"fixed cost {label} {pass_name}"
+    x, r, g = fixed_cost._leaves(shape, getattr(torch, fixed_cost.DTYPES[DEVICE.type]), DEVICE)
+    call = fixed_cost.passes(fixed_cost.implementations()[name], x, r, g)[pass_name]
+    benchmark.pedantic(_synchronised(call), warmup_rounds=10, rounds=200)

@@ -12,9 +12,8 @@ from typing import Callable
 
 import torch
 
-from stochdepth_kernels import reference
-from stochdepth_kernels.ops import (NATIVE_GATHER_ROWS, NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA,
-                                   eager_autograd, eager_rows_autograd, eager_subset_autograd, ops)
+from stochdepth_kernels import _C, reference
+from stochdepth_kernels.ops import NATIVE_EAGER, NATIVE_GATHER_ROWS, NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA, ops
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
@@ -23,8 +22,9 @@ BACKEND_ENV = "STOCHDEPTH_BACKEND"
 class Backend:
     """``drop_path_add`` and ``drop_path`` with the ops' arguments (``drop_path_add`` returns the output
     alone), in two forms: ``traced``, what torch.compile sees (the registered ``torch.library`` ops),
-    and ``eager``, the same kernels and autograd rules without the dispatcher
-    (:func:`~stochdepth_kernels.ops.eager_autograd`). ``subset_traced`` and ``subset_eager``: the
+    and ``eager``, the same kernels and autograd rules without torch.library's Python layers
+    (the native ops' C++ autograd, csrc/eager_autograd.h; :func:`~stochdepth_kernels.ops.eager_autograd`
+    for the others). ``subset_traced`` and ``subset_eager``: the
     subset method's ``(subset_rows, subset_add, gather_rows)`` (``subset_add(y, residual, rows, scale,
     relu)`` returns the output alone; ``gather_rows(t, rows)``: the kept rows of a branch input, whose
     gradient is one scatter pass) in the same two forms."""
@@ -62,11 +62,8 @@ class Backend:
 
 
 # The native ops dispatch on the tensors' device: "cpu" and "cuda" are the same ops, two kernels.
-_NATIVE_EAGER = eager_autograd(ops.drop_path_add.default, ops.drop_path.default,
-                               ops.drop_path_add_relu_backward.default)
-_NATIVE_SUBSET_EAGER = (ops.subset_rows.default, eager_subset_autograd(
-    ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default),
-    eager_rows_autograd(ops.subset_gather.default, ops.subset_scatter.default))
+_NATIVE_EAGER = NATIVE_EAGER[:2]
+_NATIVE_SUBSET_EAGER = (ops.subset_rows.default, *NATIVE_EAGER[2:])
 _NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED, NATIVE_GATHER_ROWS)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
 _REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add, reference.gather_rows)
@@ -92,6 +89,8 @@ if importlib.util.find_spec("triton") is not None:
 # ResNet-50 stage 1 at batch 256, bf16, 1.01 ms against 1.24).
 AUTO_ORDER = tuple(name for name in ("cpu", "cuda", "triton", "reference") if name in BACKENDS)
 TRITON_FROM_BYTES = 256 * 2**20
+if {"cuda", "triton"} <= set(BACKENDS):
+    _C.set_triton_from_bytes(TRITON_FROM_BYTES)  # the C++ fast path leaves those tensors to this module
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -100,12 +99,23 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from None
-    return [name for name in AUTO_ORDER if BACKENDS[name].runs_on(device)]
+    return list(_backends_on(device.type))
+
+
+def _backends_on(device_type: str) -> tuple[str, ...]:
+    names = _NAMES_ON.get(device_type)
+    if names is None:
+        names = _NAMES_ON[device_type] = tuple(name for name in AUTO_ORDER
+                                               if BACKENDS[name].runs_on(torch.device(device_type)))
+    return names
+
+
+_NAMES_ON: dict[str, tuple[str, ...]] = {}  # device type -> available_backends, computed once per type
 
 
 def auto_backend(device: torch.device, size_bytes: int = 0) -> str:
     """The backend ``"auto"`` picks for a tensor of ``size_bytes`` on ``device`` (rule above)."""
-    names = available_backends(device)
+    names = _backends_on(device.type)
     if device.type == "cuda" and size_bytes >= TRITON_FROM_BYTES and {"cuda", "triton"} <= set(names):
         return "triton"
     return names[0]

@@ -1,15 +1,26 @@
-"""The public functions: validate, draw the call's seed, hand over to a backend."""
+"""The public functions: validate, draw the call's seed, hand over to a backend.
+
+An eager call first tries the C++ fast path (``_C.try_drop_path_add``, csrc/python_module.cpp),
+which does all of that for a plain call on the native kernels and returns None for anything else:
+a call then costs about what one ATen op costs. The Python below serves the rest and raises every
+argument error."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from stochdepth_kernels import validation
+from stochdepth_kernels import _C, validation
 from stochdepth_kernels.backends import available_backends, resolve_backend
 from stochdepth_kernels.ops import records_graph
-from stochdepth_kernels.seeding import call_seed
+from stochdepth_kernels.seeding import call_seed, rank_offset, tape_active
 from stochdepth_kernels.tracing import fx_leaf
 
 __all__ = ["available_backends", "drop_path", "fused_drop_path_add"]
+
+
+def _fast_path_open(backend) -> bool:
+    """Whether the C++ fast path may serve the call: backend "auto" in eager mode, no seed tape."""
+    return backend == "auto" and not torch.compiler.is_compiling() and not tape_active()
 
 
 def _prepare_call(x: Tensor, p, training, mode, scale_by_keep, generator, seed, backend, size_bytes: int,
@@ -40,6 +51,11 @@ def fused_drop_path_add(x: Tensor, residual: Tensor, p, *, training: bool = True
     kernel for the device and size, stochdepth_kernels/backends.py), ``"cpu"``, ``"cuda"``,
     ``"triton"`` or ``"reference"``.
     """
+    if _fast_path_open(backend):
+        out = _C.try_drop_path_add(x, residual, p, training, mode, scale_by_keep, activation, generator, seed,
+                                   rank_offset())
+        if out is not None:
+            return out
     validation.check_pair(x, residual)
     validation.check_choice(activation, "activation", validation.ACTIVATIONS)
     p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
@@ -54,6 +70,10 @@ def drop_path(x: Tensor, p, *, training: bool = True, mode: str = "row", scale_b
     semantics of :func:`fused_drop_path_add` without the residual. A dropped row is 0 without
     reading ``x``. Like timm's ``drop_path``, it returns ``x`` itself when no coin is drawn and the
     factor is 1 (eval or ``p == 0`` with ``scale_by_keep``)."""
+    if _fast_path_open(backend):
+        out = _C.try_drop_path(x, p, training, mode, scale_by_keep, generator, seed, rank_offset())
+        if out is not None:
+            return out
     validation.check_input(x, "x")
     p_tensor, impl, seed_t = _prepare_call(x, p, training, mode, scale_by_keep, generator, seed, backend,
                                            x.numel() * x.element_size(), records_graph(x))

@@ -199,10 +199,10 @@ def _function(name: str, impl: Callable, setup_context: Callable, backward: Call
 
 def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, Callable]:
     """``(drop_path_add, drop_path)`` differentiable through ``torch.autograd.Function``s over one
-    backend's implementations, with the registered ops' rules. For eager calls: it skips the
-    dispatcher round trip and torch.library's Python autograd wrapper, which cost ~35 us per call
-    here (2-thread EPYC; a 98 MiB fp32 forward is ~0.1 ms of H100 time). torch.compile traces the
-    registered ops instead."""
+    backend's implementations, with the registered ops' rules: the eager calls of the Triton kernels
+    (the native ones have C++ autograd, ``NATIVE_EAGER``). It skips the dispatcher round trip and
+    torch.library's Python autograd wrapper, which cost ~35 us per call here (2-thread EPYC; a 98 MiB
+    fp32 forward is ~0.1 ms of H100 time). torch.compile traces the registered ops instead."""
 
     def unary(x, *args):  # backward runs it too: a double backward goes through unary_function
         return unary_function.apply(x, *args) if records_graph(x) else unary_impl(x, *args)
@@ -317,6 +317,9 @@ def records_graph(*inputs) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
+# The native ops' eager entry points (C++ autograd, csrc/eager_autograd.h): drop_path_add, drop_path,
+# subset_add and gather_rows with the arguments of their Backend slots.
+NATIVE_EAGER = (_C.drop_path_add, _C.drop_path, _C.subset_add, _C.gather_rows)
 # (drop_path_add, drop_path) of the native backends as torch.compile traces them, and their subset add.
 NATIVE_TRACED = register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
                                             ops.drop_path_add_relu_backward.default)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from stochdepth_kernels import _C
 from stochdepth_kernels.validation import MAX_SEED, check_choice, check_generator, check_seed
 
 SEED_SCOPES = ("rank", "global")
@@ -28,7 +29,7 @@ def set_seed_scope(scope: str) -> None:
     _seed_scope = scope
 
 
-def _rank_offset(scope: str | None = None) -> int:
+def rank_offset(scope: str | None = None) -> int:
     """What a drawn seed is XORed with on this rank: 0 outside torch.distributed, on rank 0, or with
     the "global" scope (``scope``, else :func:`set_seed_scope`'s); below 2**62, so the seed stays in
     [0, 2**63)."""
@@ -66,6 +67,11 @@ class _SeedTape:
 
 
 _active = threading.local()
+
+
+def tape_active() -> bool:
+    """Whether a seed tape records or replays this thread's draws."""
+    return getattr(_active, "tape", None) is not None
 
 
 def same_masks_on_recompute():
@@ -126,18 +132,25 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None, *,
     Drawing on the device keeps it inside CUDA graphs and visible to torch.compile;
     ``torch.manual_seed`` reproduces it, compiled or not."""
     check_generator(generator, device)
-
-    def draw() -> Tensor:
-        # generator= even when None: it traces as aten.randint.low_generator, which inductor leaves to
-        # ATen (its own RNG replaces aten.randint.low), so compiled code draws eager's seeds.
-        seed = torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
-        offset = _rank_offset(scope)
-        return seed.bitwise_xor_(offset) if offset else seed
-
     if torch.compiler.is_compiling():
-        return _drawn_once_per_forward(draw) if for_backward else draw()
-    tape = getattr(_active, "tape", None)
-    return draw() if tape is None else tape.next_seed(draw)
+        def traced_draw() -> Tensor:
+            # generator= even when None: it traces as aten.randint.low_generator, which inductor leaves
+            # to ATen (its own RNG replaces aten.randint.low), so compiled code draws eager's seeds.
+            seed = torch.randint(0, MAX_SEED - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+            return _this_ranks(seed, scope)
+
+        return _drawn_once_per_forward(traced_draw) if for_backward else traced_draw()
+
+    def draw() -> Tensor:  # the same ATen randint, called from C++ (no Python argument parsing)
+        return _this_ranks(_C.draw_seed(device, generator), scope)
+
+    return _active.tape.next_seed(draw) if tape_active() else draw()
+
+
+def _this_ranks(seed: Tensor, scope: str | None) -> Tensor:
+    """A drawn ``seed`` made this rank's (:func:`rank_offset`), in place."""
+    offset = rank_offset(scope)
+    return seed.bitwise_xor_(offset) if offset else seed
 
 
 def seed_tensor(seed: int | Tensor, device: torch.device) -> Tensor:

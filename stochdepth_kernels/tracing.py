@@ -32,9 +32,10 @@ def fx_leaf(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        proxy = next((value for value in (*args, *kwargs.values()) if isinstance(value, Proxy)), None)
-        if proxy is not None:
-            return proxy.tracer.create_proxy("call_function", call, args, kwargs)
+        if _fx_tracing():  # a Proxy exists only while torch.fx traces: the common call skips the search
+            proxy = next((value for value in (*args, *kwargs.values()) if isinstance(value, Proxy)), None)
+            if proxy is not None:
+                return proxy.tracer.create_proxy("call_function", call, args, kwargs)
         return fn(*args, **kwargs)
 
     return call

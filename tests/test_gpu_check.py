@@ -20,7 +20,8 @@ PYTEST_PHASES = [phase for phase in PHASES if phase.pytest_args]
 
 def test_limits_sum_to_the_budget_and_the_outputs_fit_the_device_tool():
     assert sum(phase.timeout_s for phase in PHASES) <= gpu_check.BUDGET_S == 540
-    assert [phase.name for phase in PHASES] == ["environment", "build", "unverified", "grid", "op", "models"]
+    assert [phase.name for phase in PHASES] == ["environment", "build", "unverified", "grid", "op", "models",
+                                                "fixed_cost"]
     files = [gpu_check.LOG, gpu_check.SUMMARY, *(name for phase in PHASES for name in phase.outputs)]
     assert len(files) == len(set(files)) <= gpu_check.MAX_FILES
     build = next(phase for phase in PHASES if phase.name == "build")
@@ -177,4 +178,4 @@ def test_main_rejects_an_unknown_phase(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", "/nonexistent", "benchmarks"])
     assert "unknown phase 'benchmarks'; the phases are ['environment', 'build', 'unverified', 'grid', 'op', " \
-           "'models']" in capsys.readouterr().err
+           "'models', 'fixed_cost']" in capsys.readouterr().err
