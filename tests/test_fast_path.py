@@ -6,7 +6,8 @@ import torch
 
 from stochdepth_kernels import _C, drop_path, fused_drop_path_add, functional
 from stochdepth_kernels.seeding import record_then_replay_masks
-from tests.helpers import DTYPES, LAYOUTS, assert_matches, random_tensor
+from test_gpu_kernels import captured_graph
+from helpers import DTYPES, LAYOUTS, assert_matches, random_tensor
 
 SHAPE = (6, 3, 4, 5)
 
@@ -92,3 +93,30 @@ def test_a_backend_override_or_a_seed_tape_takes_the_python_path(monkeypatch):
     run = record_then_replay_masks(lambda: calls.append(functional._fast_path_open("auto")))
     run()
     assert calls == [False]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_fast_path_on_cuda_equals_the_python_path_and_replays_in_a_cuda_graph(dtype, layout):
+    x, r = (random_tensor(SHAPE, dtype, layout, device="cuda").requires_grad_() for _ in range(2))
+    g = torch.randn(SHAPE, dtype=dtype, device="cuda")
+    for p, activation in ((0.3, "relu"), (0.3, None), (0.0, "relu")):
+        torch.cuda.manual_seed(11)
+        fast = fused_drop_path_add(x, r, p, activation=activation)
+        torch.cuda.manual_seed(11)
+        python = fused_drop_path_add(x, r, p, activation=activation, backend="cuda")
+        for name, a, b in zip(("out", "grad_x", "grad_residual"), (fast, *torch.autograd.grad(fast, (x, r), g)),
+                              (python, *torch.autograd.grad(python, (x, r), g))):
+            assert_matches(a, b, name, exact=True)
+    graph_out = torch.empty(SHAPE, dtype=dtype, device="cuda")
+
+    def step():
+        graph_out.copy_(fused_drop_path_add(x.detach(), r.detach(), 0.5))
+
+    graph, _ = captured_graph(step)
+    kept = set()
+    for _ in range(4):
+        graph.replay()
+        kept.add(tuple((graph_out != r.detach()).flatten(1).any(1).tolist()))
+    assert len(kept) > 1, "every replay kept the same rows: the seed was frozen into the graph"
