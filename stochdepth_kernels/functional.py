@@ -1,8 +1,8 @@
 """The public functions: validate, draw the call's seed, hand over to a backend.
 
 An eager call first tries the C++ fast path (``_C.try_drop_path_add``, csrc/python_module.cpp),
-which does all of that for a plain call on the native kernels and returns None for anything else:
-a call then costs about what one ATen op costs. The Python below serves the rest and raises every
+which does all of that for a plain call on the native kernels and returns None for anything else
+(bench/fixed_cost.py measures what it saves). The Python below serves the rest and raises every
 argument error."""
 from __future__ import annotations
 
