@@ -18,8 +18,10 @@ A skipping variant's saving is compared with what it can be: the expected share 
 FLOPs that skipping removes, the sum over stochastic-depth modules of ``rate * (FLOPs with the
 module's branch run - FLOPs with it skipped) / FLOPs`` (``torch.utils.flop_counter``, one forward per
 module; backward scales alike), the rate being the module's effective one at the batch size (for the
-subset method ``1 - k/B``). Block-wise step times vary with the coins, so that comparison uses mean
-step times; the table shows medians too.
+subset method ``1 - k/B``). That comparison uses the mean over rounds of each round's step time
+against none's in the same round (bench/timing.py ``paired_change``, with its 95 % interval: a shared
+machine drifts by more than the savings measured; block-wise step times vary with the coins too);
+the table shows medians, means and minimums too.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.cli import run_and_write
 from bench.dinov2_subset import use_dinov2_subset
 from bench.op import environment
-from bench.timing import measure_side_by_side
+from bench.timing import measure_side_by_side, paired_change
 from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
 
@@ -142,13 +144,20 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=tuple(V
     none = timings[NONE]
     rows = []
     for name, t in timings.items():
+        paired, paired_ci = paired_change(t, none)
         row = {"name": name, "median_ms": t.median_s * 1e3, "mean_ms": t.mean_s * 1e3, "min_ms": t.min_s * 1e3,
-               "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1}
+               "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1,
+               "paired_change_vs_none": paired, "paired_change_ci95": paired_ci,
+               "rounds_ms": [sample * 1e3 for sample in t.rounds_s]}
         if name in skipping:
-            row["expected_skipped_flops_fraction"] = fractions[skipping[name]]
-            row["saving_vs_expected"] = (1 - t.mean_s / none.mean_s) / fractions[skipping[name]]
+            fraction = fractions[skipping[name]]
+            row["expected_skipped_flops_fraction"] = fraction
+            row["saving_vs_expected"], row["saving_vs_expected_ci95"] = -paired / fraction, paired_ci / fraction
         rows.append(row)
-    return {"rows": rows}
+    result = {"rows": rows}
+    if TIMM in timings and SAMPLE in timings:  # the fused op against the unfused chain it replaces
+        result["sample_vs_timm"] = paired_change(timings[SAMPLE], timings[TIMM])
+    return result
 
 
 def run(args) -> dict:
@@ -172,13 +181,18 @@ def markdown(result: dict) -> str:
              f"{result['samples']} steps per candidate"]
     for label, model in result["models"].items():
         lines += ["", f"{label}:", "", "| stochastic depth | median ms | vs none | mean ms | vs none | min ms | "
-                  "expected FLOPs skipped | mean saving / expected |", "|---|---|---|---|---|---|---|---|"]
+                  "paired vs none (95 % CI) | expected FLOPs skipped | saving / expected (95 % CI) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
-            skipped = (f"{100 * row['expected_skipped_flops_fraction']:.1f}% | {100 * row['saving_vs_expected']:.0f}%"
-                       if "saving_vs_expected" in row else " | ")
+            skipped = (f"{100 * row['expected_skipped_flops_fraction']:.1f}% | {100 * row['saving_vs_expected']:.0f}% "
+                       f"± {100 * row['saving_vs_expected_ci95']:.0f}" if "saving_vs_expected" in row else " | ")
             lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {100 * row['change_vs_none']:+.1f}% | "
                          f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} | "
+                         f"{100 * row['paired_change_vs_none']:+.1f}% ± {100 * row['paired_change_ci95']:.1f} | "
                          f"{skipped} |")
+        if "sample_vs_timm" in model:
+            change, interval = model["sample_vs_timm"]
+            lines += ["", f"{SAMPLE} against {TIMM}, paired by round: {100 * change:+.1f}% ± {100 * interval:.1f}"]
     return "\n".join(lines)
 
 

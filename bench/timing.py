@@ -26,6 +26,18 @@ class Timing:
     mean_s: float
     samples: int
     calls_per_sample: int
+    rounds_s: tuple[float, ...] = ()  # the samples in round order: sample i of every candidate is round i
+
+
+def paired_change(candidate: Timing, base: Timing) -> tuple[float, float]:
+    """``candidate``'s time relative to ``base``'s, paired by round (``candidate_i / base_i - 1`` for
+    each round i: the drift of a shared machine over the run cancels within a round): the mean over
+    rounds and the half-width of its 95 % confidence interval (normal approximation, 0 for fewer
+    than 2 rounds)."""
+    ratios = [c / b - 1 for c, b in zip(candidate.rounds_s, base.rounds_s, strict=True)]
+    if len(ratios) < 2:
+        return (ratios[0] if ratios else 0.0), 0.0
+    return statistics.fmean(ratios), 1.96 * statistics.stdev(ratios) / math.sqrt(len(ratios))
 
 
 def _sample_cpu(fn: Callable[[], object], calls: int) -> float:
@@ -70,7 +82,7 @@ def measure_side_by_side(candidates: dict[str, Callable[[], object]], device: to
         start = round_index % len(names)
         for name in names[start:] + names[:start]:
             times[name].append(sample(candidates[name], calls[name]))
-    return {name: Timing(statistics.median(t), min(t), statistics.fmean(t), samples, calls[name])
+    return {name: Timing(statistics.median(t), min(t), statistics.fmean(t), samples, calls[name], tuple(t))
             for name, t in times.items()}
 
 

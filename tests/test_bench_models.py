@@ -1,5 +1,8 @@
 """The training-step benchmark's own logic (no timing): the expected share of skipped FLOPs, the
 variants, the DINOv2-style anchor and the table."""
+import math
+import statistics
+
 import pytest
 import torch
 
@@ -56,16 +59,20 @@ def test_dinov2_anchor_keeps_k_samples_scaled_by_b_over_k():
 
 def test_markdown_reports_each_model_row_and_the_skipping_savings():
     rows = [{"name": models.NONE, "median_ms": 100.0, "mean_ms": 101.0, "min_ms": 99.0, "change_vs_none": 0.0,
-             "mean_change_vs_none": 0.0},
+             "mean_change_vs_none": 0.0, "paired_change_vs_none": 0.0, "paired_change_ci95": 0.0},
             {"name": models.BLOCK, "median_ms": 80.0, "mean_ms": 75.75, "min_ms": 70.0, "change_vs_none": -0.2,
-             "mean_change_vs_none": -0.25, "expected_skipped_flops_fraction": 0.25, "saving_vs_expected": 0.8}]
+             "mean_change_vs_none": -0.25, "paired_change_vs_none": -0.2, "paired_change_ci95": 0.025,
+             "expected_skipped_flops_fraction": 0.25, "saving_vs_expected": 0.8, "saving_vs_expected_ci95": 0.1}]
     result = {"device": "cpu", "device_type": "cpu", "threads": 2, "torch": "2.x", "date": "today",
               "command": "python -m bench.models", "batch": 8, "image_size": 128, "samples": 3,
               "models": {"ResNet-50": {"rows": rows}}}
     table = models.markdown(result)
     assert "ResNet-50:" in table
-    assert "| no stochastic depth | 100.0 | +0.0% | 101.0 | +0.0% | 99.0 |  |  |" in table
-    assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 | 25.0% | 80% |" in table
+    assert "| no stochastic depth | 100.0 | +0.0% | 101.0 | +0.0% | 99.0 | +0.0% ± 0.0 |  |  |" in table
+    assert "| stochdepth block-wise, 0.5 | 80.0 | -20.0% | 75.8 | -25.0% | 70.0 | -20.0% ± 2.5 | 25.0% | 80% ± 10 |" in table
+    assert "paired by round" not in table
+    result["models"]["ResNet-50"]["sample_vs_timm"] = (-0.026, 0.033)
+    assert f"{models.SAMPLE} against {models.TIMM}, paired by round: -2.6% ± 3.3" in models.markdown(result)
 
 
 def test_models_default_per_device_and_can_be_chosen(capsys):
@@ -93,3 +100,19 @@ def test_a_training_step_is_one_call_per_sample(monkeypatch):
     step = lambda: time.sleep(timing.SAMPLE_SECONDS["cpu"])  # noqa: E731
     assert timing._calls_per_sample(step, torch.device("cpu"), warmup=1, min_calls=None) == 10
     assert timing._calls_per_sample(step, torch.device("cpu"), warmup=1, min_calls=1) == 1
+
+
+def test_paired_change_compares_each_round_with_the_base_of_that_round():
+    """A drift that slows every candidate alike in a round cancels: the candidate is 10 % faster in
+    every round while the rounds' times double, so the pairs agree exactly and the interval is 0."""
+    from bench.timing import Timing, paired_change
+
+    base_rounds = (1.0, 2.0, 4.0)
+    base = Timing(2.0, 1.0, 7 / 3, 3, 1, base_rounds)
+    faster = Timing(1.8, 0.9, 2.1, 3, 1, tuple(0.9 * t for t in base_rounds))
+    change, interval = paired_change(faster, base)
+    assert change == pytest.approx(-0.1) and interval == pytest.approx(0.0, abs=1e-12)
+    noisy = Timing(2.0, 1.0, 7 / 3, 3, 1, (1.1, 1.8, 4.4))
+    change, interval = paired_change(noisy, base)
+    assert change == pytest.approx((0.1 - 0.1 + 0.1) / 3)
+    assert interval == pytest.approx(1.96 * statistics.stdev([0.1, -0.1, 0.1]) / math.sqrt(3))
