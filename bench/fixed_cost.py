@@ -30,6 +30,9 @@ SHAPES = {"cpu": {"(2, 16)": (2, 16), "ViT-S/16 tokens, batch 8": (8, 65, 384)},
           "cuda": {"ViT-B/16 tokens, batch 32": (32, 197, 768), "ViT-B/16 tokens, batch 256": (256, 197, 768)}}
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 P = 0.1
+# Warm-up calls per candidate: the first calls after a shape first appears (fresh pages, allocator
+# caches) cost several times a later one, and the fastest warm-up call sets the calls per sample.
+WARMUP = 20
 OURS, TIMM, TORCHVISION, ATEN = "stochdepth", "timm chain", "torchvision", "ATen add"
 PASSES = ("forward", "forward+backward", "forward+backward (engine)")
 
@@ -122,11 +125,11 @@ def run(args) -> dict:
         x, r, g = _leaves(shape, getattr(torch, dtype_name), device)
         for pass_name in PASSES:
             fns = {name: passes(fn, x, r, g)[pass_name] for name, fn in implementations().items()}
-            us = _us(measure_side_by_side(fns, device, samples=samples))
+            us = _us(measure_side_by_side(fns, device, warmup=WARMUP, samples=samples))
             rows += [{"shape_label": label, "shape": list(shape), "dtype": dtype_name, "pass": pass_name,
                       "implementation": name, "median_us": value, "vs_timm": value / us[TIMM]}
                      for name, value in us.items()]
-        us = _us(measure_side_by_side(steps(x, r, g), device, samples=samples))
+        us = _us(measure_side_by_side(steps(x, r, g), device, warmup=WARMUP, samples=samples))
         breakdown += [{"shape_label": label, "shape": list(shape), "dtype": dtype_name, "step": name, "median_us": value}
                       for name, value in {**us, **derived(us)}.items()]
     return {"benchmark": "fixed_cost", **environment(device, args.command), "samples": samples, "p": P,

@@ -1,6 +1,6 @@
 """End to end: a training step (forward, backward, SGD step) of timm's ResNet-50 and a ViT (ViT-S/16 on
-a CPU, ViT-B/16 on a GPU) with stochastic depth in every variant below, the candidates of one model
-timed round-robin:
+a CPU, ViT-B/16 on a GPU; Swin-T with ``--model``) with stochastic depth in every variant below, the
+candidates of one model timed round-robin:
 
 - none: the model built with ``drop_path_rate=0``;
 - timm DropPath: built with ``drop_path_rate`` 0.1 and 0.4 (timm's linear schedule);
@@ -39,7 +39,8 @@ from bench.timing import measure_side_by_side, paired_change
 from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
 
-MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224"}
+MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224",
+          "Swin-T": "swin_tiny_patch4_window7_224"}
 DEFAULT_MODELS = {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
 # (batch, image size). On the CPU batch 16: at 8 a branch run on 7 samples costs nearly what it costs on
 # 8 (the subset method saved 25-59 % of its expected FLOP share there, 95-107 % at 16; 2026-12-02).
@@ -73,7 +74,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help=f"batch and image size {QUICK_BATCH}, 3 samples")
     parser.add_argument("--model", nargs="+", choices=list(MODELS),
-                        help="models to run (default: ResNet-50 and ViT-S/16 on a CPU, ResNet-50 and ViT-B/16 on a GPU)")
+                        help="models to run (default: ResNet-50 and ViT-S/16 on a CPU, ResNet-50 and ViT-B/16 on a GPU; "
+                             "also Swin-T)")
     parser.add_argument("--variant", nargs="+", choices=list(BY_ID),
                         help="variants to run (default: all; 'none' always runs, the others compare with it)")
     parser.add_argument("--batch", type=int)
@@ -87,7 +89,7 @@ def build(model_name: str, image_size: int, device, stochastic: str = NONE):
     """The model (same weights for every variant) with stochastic depth ``stochastic`` (a VARIANTS name)."""
     _, timm_rate, method, rate, dinov2 = VARIANTS[stochastic]
     torch.manual_seed(0)
-    options = {"img_size": image_size} if model_name.startswith("vit") else {}
+    options = {"img_size": image_size} if model_name.startswith(("vit", "swin")) else {}  # timm adapts windows
     model = timm.create_model(model_name, drop_path_rate=timm_rate, **options).to(device).train()
     if method is not None:
         apply_drop_path(model, rate, stochastic_method=method)

@@ -11,7 +11,7 @@ from bench.dinov2_subset import Dinov2StyleSubsetAdd
 from stochdepth_kernels import DropPathAdd
 
 
-@pytest.mark.parametrize("model_name", ["resnet50", "vit_small_patch16_224"])
+@pytest.mark.parametrize("model_name", ["resnet50", "vit_small_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_expected_skipped_fraction_is_the_rate_weighted_branch_share(model_name):
     model = models.build(model_name, 32, torch.device("cpu"), models.BLOCK)
     rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPathAdd)]
@@ -80,6 +80,7 @@ def test_models_default_per_device_and_can_be_chosen(capsys):
     assert all(label in models.MODELS for labels in models.DEFAULT_MODELS.values() for label in labels)
     assert models.DEFAULT_BATCH["cuda"] == (128, 224)
     assert models.parse_args(["--model", "ViT-B/16"]).model == ["ViT-B/16"]
+    assert models.parse_args(["--model", "Swin-T"]).model == ["Swin-T"]
     assert models.parse_args(["--variant", "subset-0.4", "dinov2-0.4"]).variant == ["subset-0.4", "dinov2-0.4"]
     assert sorted(models.BY_ID) == sorted(spec[0] for spec in models.VARIANTS.values())
     from bench.gpu_check import TRAINING_VARIANTS
