@@ -5,8 +5,11 @@
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <limits>
@@ -71,6 +74,35 @@ bool factor_is_one(const OptionalTensor& seed, bool training, bool scale_by_keep
 Tensor in_strides(const Tensor& t, const std::vector<int64_t>& strides) {
   if (t.strides() == at::IntArrayRef(strides)) return t;
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
+}
+
+// Double backward (a backward under create_graph=True) needs the backward's results as functions of
+// its grad: the helpers below compute them from ATen ops that autograd records, the same values as
+// the kernels' backward passes.
+
+// grad where the forward's ReLU passed (its sign mask `bits`, op_common.h), 0 elsewhere.
+Tensor relu_masked(const Tensor& grad, const Tensor& bits) {
+  if (grad.numel() == 0) return grad.clone();
+  const int64_t length = run_length_of(grad);
+  const Tensor shifts = at::arange(kMaskGroup, bits.options().dtype(at::kInt));
+  const Tensor unpacked = bits.to(at::kInt).reshape({-1, 1}).bitwise_right_shift(shifts).bitwise_and(1)
+                              .reshape({grad.numel() / length, -1}).narrow(1, 0, length).reshape({-1}).ne(0);
+  Tensor passes = at::empty_like(grad, grad.options().dtype(at::kBool));
+  passes.as_strided({passes.numel()}, {1}, passes.storage_offset()).copy_(unpacked);
+  return grad.masked_fill(passes.logical_not(), 0);
+}
+
+// s * grad[rows] in `dtype` (computed in the wider of the two dtypes, rounded once, as the kernels).
+Tensor gathered_rows(const Tensor& grad, const Tensor& rows, double scale, at::ScalarType dtype) {
+  return grad.index_select(0, rows).to(at::promote_types(grad.scalar_type(), dtype)).mul(scale).to(dtype);
+}
+
+// The batch rows of `grad`'s kept rows scaled by s, zeros in the others, in `dtype`.
+Tensor scattered_rows(const Tensor& grad, const Tensor& rows, int64_t batch, double scale, at::ScalarType dtype) {
+  std::vector<int64_t> sizes = grad.sizes().vec();
+  sizes[0] = batch;
+  const Tensor scaled = grad.to(at::promote_types(grad.scalar_type(), dtype)).mul(scale).to(dtype);
+  return at::zeros(sizes, grad.options().dtype(dtype)).index_copy(0, rows, scaled);
 }
 
 // What both row-mode Functions save: the coin's arguments; backward regenerates the factors.
@@ -154,9 +186,15 @@ struct DropPathAddFunction : torch::autograd::Function<DropPathAddFunction> {
     const Tensor& grad = grads[0];
     Tensor grad_x, grad_residual;
     if (ctx->saved_data["saved_mask"].toBool()) {
-      std::tie(grad_x, grad_residual) = call_below_autograd(
-          drop_path_add_relu_backward_op(), in_strides(grad, ctx->saved_data["out_strides"].toIntVector()), saved,
-          coin.seed, coin.p, coin.training, coin.mode, coin.scale_by_keep, x_dtype, residual_dtype);
+      const Tensor dense_grad = in_strides(grad, ctx->saved_data["out_strides"].toIntVector());
+      if (records_graph(grad)) {
+        grad_residual = relu_masked(dense_grad, saved);
+        grad_x = ctx->needs_input_grad(0) ? scaled_by_factors(grad_residual, coin, x_dtype) : Tensor();
+      } else {
+        std::tie(grad_x, grad_residual) =
+            call_below_autograd(drop_path_add_relu_backward_op(), dense_grad, saved, coin.seed, coin.p, coin.training,
+                                coin.mode, coin.scale_by_keep, x_dtype, residual_dtype);
+      }
     } else if (ctx->saved_data["relu"].toBool()) {
       // Every factor is 1: x's gradient is the residual's, one threshold pass as eager's relu backward.
       grad_residual = at::threshold_backward(grad, saved, 0);
@@ -190,7 +228,12 @@ struct SubsetAddFunction : torch::autograd::Function<SubsetAddFunction> {
     const auto residual_dtype = ctx->saved_data["residual_dtype"].toScalarType();
     const Tensor& grad = grads[0];
     Tensor grad_y, grad_residual;
-    if (ctx->saved_data["relu"].toBool()) {
+    if (records_graph(grad)) {
+      grad_residual = ctx->saved_data["relu"].toBool()
+                          ? relu_masked(in_strides(grad, ctx->saved_data["out_strides"].toIntVector()), saved[1])
+                          : grad;
+      if (ctx->needs_input_grad(0)) grad_y = gathered_rows(grad_residual, rows, scale, y_dtype);
+    } else if (ctx->saved_data["relu"].toBool()) {
       std::tie(grad_y, grad_residual) =
           call_below_autograd(subset_add_relu_backward_op(), in_strides(grad, ctx->saved_data["out_strides"].toIntVector()),
                               saved[1], rows, scale, y_dtype, residual_dtype);
@@ -211,9 +254,12 @@ struct GatherRowsFunction : torch::autograd::Function<GatherRowsFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor grad_t = call_below_autograd(subset_scatter_op(), grads[0], ctx->get_saved_variables()[0],
-                                              ctx->saved_data["batch"].toInt(), 1.0,
-                                              ctx->saved_data["dtype"].toScalarType());
+    const Tensor rows = ctx->get_saved_variables()[0];
+    const int64_t batch = ctx->saved_data["batch"].toInt();
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    const Tensor grad_t = records_graph(grads[0])
+                              ? scattered_rows(grads[0], rows, batch, 1.0, dtype)
+                              : call_below_autograd(subset_scatter_op(), grads[0], rows, batch, 1.0, dtype);
     return {grad_t, Tensor()};
   }
 };

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from stochdepth_kernels.layouts import batch_outermost_empty, empty_rows_like, is_batch_outermost
-from stochdepth_kernels.relu_mask import relu_mask_bytes
+from stochdepth_kernels.relu_mask import masked_gradient, relu_mask_bytes
 
 try:
     from stochdepth_kernels import _C  # runs the TORCH_LIBRARY registrations
@@ -128,7 +128,10 @@ def _autograd_rules(unary, relu_backward):
     def backward_add(ctx, grad, _relu_mask_grad=None):
         seed, p, saved = ctx.saved_tensors
         x_dtype, residual_dtype = ctx.dtypes
-        if ctx.relu and ctx.saved_mask:
+        if ctx.relu and ctx.saved_mask and records_graph(grad):  # double backward: ops autograd records
+            grad_residual = masked_gradient(in_layout(grad, ctx.out_stride), saved)
+            grad_x = unary_backward(grad_residual, seed, p, ctx, x_dtype) if ctx.needs_input_grad[0] else None
+        elif ctx.relu and ctx.saved_mask:
             grad_x, grad_residual = relu_backward(in_layout(grad, ctx.out_stride), saved, seed, p, *ctx.coin_args,
                                                   x_dtype, residual_dtype)
         elif ctx.relu:
@@ -218,6 +221,19 @@ def eager_autograd(add_impl, unary_impl, relu_backward_impl) -> tuple[Callable, 
     return _asking_for_relu_mask(add), unary
 
 
+def gathered_rows(grad: Tensor, rows: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``s * grad[rows]`` in ``dtype`` by ops that autograd records (a double backward), computed in
+    the wider dtype and rounded once, as the gather kernels."""
+    return (grad.index_select(0, rows).to(torch.promote_types(grad.dtype, dtype)) * scale).to(dtype)
+
+
+def scattered_rows(grad: Tensor, rows: Tensor, batch: int, scale: float, dtype: torch.dtype) -> Tensor:
+    """The ``batch`` rows whose ``rows`` are ``s * grad`` and the others 0, in ``dtype``, by ops that
+    autograd records (the scatter kernels' values)."""
+    scaled = (grad.to(torch.promote_types(grad.dtype, dtype)) * scale).to(dtype)
+    return grad.new_zeros((batch, *grad.shape[1:]), dtype=dtype).index_copy(0, rows, scaled)
+
+
 def _subset_rules(gather, relu_backward):
     """``(setup, backward)`` of ``subset_add``, whose backward runs ``gather`` and ``relu_backward``
     (the ops' signatures). Saved: the k kept rows and, with ReLU, the sign mask."""
@@ -233,10 +249,13 @@ def _subset_rules(gather, relu_backward):
     def backward(ctx, grad, _relu_mask_grad=None):
         rows, relu_mask = ctx.saved_tensors
         y_dtype, residual_dtype = ctx.dtypes
-        if ctx.relu:
-            if not ctx.saved_mask:
-                raise RuntimeError("the ReLU backward of stochdepth subset_add needs the forward's sign mask: "
-                                   "call it with save_relu_mask=True when a backward will follow")
+        if ctx.relu and not ctx.saved_mask:
+            raise RuntimeError("the ReLU backward of stochdepth subset_add needs the forward's sign mask: "
+                               "call it with save_relu_mask=True when a backward will follow")
+        if records_graph(grad):  # double backward: ops autograd records
+            grad_residual = masked_gradient(in_layout(grad, ctx.out_stride), relu_mask) if ctx.relu else grad
+            grad_y = gathered_rows(grad_residual, rows, ctx.scale, y_dtype) if ctx.needs_input_grad[0] else None
+        elif ctx.relu:
             grad_y, grad_residual = relu_backward(in_layout(grad, ctx.out_stride), relu_mask, rows, ctx.scale,
                                                   y_dtype, residual_dtype)
         else:
@@ -287,7 +306,8 @@ def _rows_rules(scatter):
 
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        return scatter(grad, rows, ctx.batch, ctx.scale, ctx.dtype), None, None, None
+        rows_of = scattered_rows if records_graph(grad) else scatter  # double backward: ops autograd records
+        return rows_of(grad, rows, ctx.batch, ctx.scale, ctx.dtype), None, None, None
 
     return setup, backward
 

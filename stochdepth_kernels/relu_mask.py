@@ -88,3 +88,9 @@ def unpack(relu_mask: Tensor, like: Tensor) -> Tensor:
     bits = (relu_mask.to(torch.int32).reshape(-1, 1) >> shifts) & 1
     _memory_order(passes).copy_(bits.reshape(like.numel() // length, -1)[:, :length].reshape(-1) != 0)
     return passes
+
+
+def masked_gradient(grad: Tensor, relu_mask: Tensor) -> Tensor:
+    """``grad`` where relu passed (``relu_mask`` of ``grad``'s dense layout), 0 elsewhere: the ReLU's
+    backward in ops that autograd records, for a double backward."""
+    return grad.masked_fill(~unpack(relu_mask, grad), 0)

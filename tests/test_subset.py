@@ -200,6 +200,7 @@ def test_gradcheck_fp64(kernel, activation, p, training):
                                     seed=3, backend=backend)
 
     assert torch.autograd.gradcheck(block, (h, w))
+    assert torch.autograd.gradgradcheck(block, (h, w))  # the branch's input gather and the add alike
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "batch_inner"])
