@@ -104,21 +104,34 @@ std::optional<Probability> plain_probability(PyObject* obj, const Tensor& x) {
   return Probability{p.reshape({}), false};
 }
 
-// nullopt: not plain; a disengaged inner optional: no seed given.
-std::optional<std::optional<Tensor>> plain_seed(PyObject* obj, const Tensor& x) {
-  if (obj == Py_None) return std::optional<Tensor>();
+// A seed argument: an int in [0, 2**63) or a 1-element int64 tensor, neither when none is given. It
+// becomes the ops' tensor on x's device only where the call draws a coin.
+struct GivenSeed {
+  std::optional<int64_t> value;
+  std::optional<Tensor> tensor;
+
+  std::optional<Tensor> on(const Tensor& x) const {
+    if (tensor) return tensor->reshape({1}).to(x.device());
+    if (value) return at::full({1}, *value, x.options().dtype(at::kLong));
+    return std::nullopt;
+  }
+};
+
+// nullopt: not plain.
+std::optional<GivenSeed> plain_seed(PyObject* obj, const Tensor& x) {
+  if (obj == Py_None) return GivenSeed{};
   if (PyLong_CheckExact(obj)) {
     int overflow = 0;
     const long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (overflow != 0 || value < 0) return std::nullopt;
-    return std::optional<Tensor>(at::full({1}, static_cast<int64_t>(value), x.options().dtype(at::kLong)));
+    return GivenSeed{static_cast<int64_t>(value), std::nullopt};
   }
   if (!THPVariable_CheckExact(obj)) return std::nullopt;
   const Tensor& seed = THPVariable_Unpack(obj);
   if (seed.numel() != 1 || seed.scalar_type() != at::kLong || !(seed.is_cpu() || seed.device() == x.device())) {
     return std::nullopt;
   }
-  return std::optional<Tensor>(seed.reshape({1}).to(x.device()));
+  return GivenSeed{std::nullopt, seed};
 }
 
 // nullopt: not plain; a disengaged inner optional: the device's default generator.
@@ -152,9 +165,8 @@ std::optional<Call> plain_call(const Tensor& x, PyObject* p, PyObject* training,
   if (!given_generator || !given_seed) return std::nullopt;
   Call call{std::move(probability->tensor), std::nullopt, *training_flag, *scale_flag, *mode_name};
   if (call.training && !probability->known_zero) {
-    if (given_seed->has_value()) {
-      call.seed = std::move(**given_seed);
-    } else {
+    call.seed = given_seed->on(x);
+    if (!call.seed) {
       Tensor drawn = stochdepth::eager::draw_seed(x.device(), *given_generator);
       call.seed = rank_offset != 0 ? drawn.bitwise_xor_(rank_offset) : drawn;
     }
