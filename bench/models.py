@@ -42,8 +42,8 @@ from stochdepth_kernels.surgery import apply_drop_path
 MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224",
           "Swin-T": "swin_tiny_patch4_window7_224"}
 DEFAULT_MODELS = {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
-# (batch, image size). On the CPU batch 16: at 8 a branch run on 7 samples costs nearly what it costs on
-# 8 (the subset method saved 25-59 % of its expected FLOP share there, 95-107 % at 16; 2026-12-02).
+# (batch, image size). On the CPU batch 16: at 8 a branch run on 7 samples costs nearly what it costs on 8,
+# so the subset method saved a smaller part of its expected FLOP share there.
 DEFAULT_BATCH = {"cpu": (16, 128), "cuda": (128, 224)}
 QUICK_BATCH = (2, 64)
 SAMPLE_RATE, BLOCK_RATE, HIGH_RATE = 0.1, 0.5, 0.4
