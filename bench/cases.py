@@ -65,7 +65,7 @@ def case_grid(device_type: str, *, batch: int | None = None, quick: bool = False
 
 
 def minimal_bytes(pass_name: str, case: Case) -> float:
-    """DESIGN.md's floor for one call. Forward (inference): ``keep*|x| + |r| + |out|``. Backward
+    """docs/design.md's floor for one call. Forward (inference): ``keep*|x| + |r| + |out|``. Backward
     without activation: ``keep*|g| + |g_x|`` (the residual's gradient is ``g`` itself); with ReLU
     the gradient is masked by ``out > 0``, one bit per element that the forward writes and the
     backward reads: ``|g| + numel/8 + |g_r| + |g_x|``, and forward+backward writes the bits too.

@@ -3,7 +3,7 @@ torchvision's ``stochastic_depth`` + add and ``torch.compile`` of the eager expr
 backward and forward+backward, on tensors of real models (bench/cases.py), next to a ``copy_`` of
 the same tensor measured in the same run (the floor).
 
-GB/s uses DESIGN.md's minimal byte count for every implementation (eager and compiled code move
+GB/s uses docs/design.md's minimal byte count for every implementation (eager and compiled code move
 more), so the columns compare times. Inputs rotate through enough buffer sets to span twice the
 last-level cache, so no call finds its inputs cached. On the CPU a fresh output allocation costs
 page faults, measured as ``clone - copy_``; on CUDA "device ms" is the kernels' time alone

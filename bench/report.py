@@ -129,7 +129,7 @@ def full_table(result: dict) -> str:
 
 def op_markdown(result: dict) -> str:
     """Heading, copy floor, summary, then every row."""
-    return "\n\n".join([heading(result), "GB/s counts DESIGN.md's minimal bytes for every implementation.",
+    return "\n\n".join([heading(result), "GB/s counts docs/design.md's minimal bytes for every implementation.",
                         "Copy floor (measured in this run):", floor_table(result), "Summary:", summary_table(result),
                         "Every implementation:", full_table(result)])
 

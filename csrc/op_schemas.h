@@ -4,7 +4,7 @@
 
 namespace stochdepth {
 
-// (out, relu_mask): out = act(residual + factor_b * x), factor_b from (seed, p) as in DESIGN.md.
+// (out, relu_mask): out = act(residual + factor_b * x), factor_b from (seed, p) as in docs/design.md.
 // seed is a 1-element int64 tensor (None when no coin is drawn: eval or p == 0); p is a 0-d float
 // tensor. relu_mask is empty unless save_relu_mask (which needs relu): then it holds the bits the
 // ReLU backward needs, one per element of out (layout: op_common.h, relu_mask_bytes).

@@ -1,5 +1,5 @@
 // The arithmetic every native backend shares: Philox4x32-10, Triton's uint32 -> float mapping,
-// the per-row factor and the per-element update of DESIGN.md. Usable from host and device code,
+// the per-row factor and the per-element update of docs/design.md. Usable from host and device code,
 // so the CPU tests exercise exactly the math the CUDA kernel runs.
 #pragma once
 

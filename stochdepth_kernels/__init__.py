@@ -1,4 +1,4 @@
-"""Fused stochastic depth (drop path) + residual add for PyTorch. See DESIGN.md for the contract."""
+"""Fused stochastic depth (drop path) + residual add for PyTorch. See docs/design.md for the contract."""
 from stochdepth_kernels import ops as _ops  # noqa: F401  (loads the native library, registers ops)
 from stochdepth_kernels.functional import available_backends, drop_path, fused_drop_path_add
 from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, stochastic_depth

@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md in pure PyTorch: the ground truth every kernel is checked against and the
+"""The contract of docs/design.md in pure PyTorch: the ground truth every kernel is checked against and the
 fallback on devices without a native kernel.
 
 The functions below take the arguments of the ``stochdepth::`` ops (``drop_path_add`` returns the

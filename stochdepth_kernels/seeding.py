@@ -1,4 +1,4 @@
-"""The 64-bit seed of one training call (DESIGN.md, "One random stream for every backend"): drawn
+"""The 64-bit seed of one training call (docs/design.md, "One random stream for every backend"): drawn
 from a generator, made per-rank under torch.distributed, and replayed by the seed tape that gives
 an activation-checkpoint recomputation the forward's masks."""
 from __future__ import annotations

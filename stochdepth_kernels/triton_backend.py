@@ -5,7 +5,7 @@
     relu backward     g_r  = g * (out > 0),  g_x = f_b * g_r    ((out > 0) from the ReLU sign mask)
     subset            the same kernels, x's row of batch row b being index[b] (SUBSET)
 
-``f_b`` is the factor of batch row ``b`` (DESIGN.md): in training ``tl.rand(seed, b) < float32(1 - p)``
+``f_b`` is the factor of batch row ``b`` (docs/design.md): in training ``tl.rand(seed, b) < float32(1 - p)``
 decides the coin (``b = 0`` in batch mode) and a kept row gets ``1/(1-p)`` (or 1); in eval every row
 gets 1 (or ``1 - p``). The seed and ``p`` are device tensors loaded in the kernel, never host values:
 one compiled kernel serves every ``p``, and nothing synchronises with the host (CUDA-graph capture

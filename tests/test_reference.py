@@ -1,4 +1,4 @@
-"""The reference op against the formula of DESIGN.md written out directly, and the statistics of
+"""The reference op against the formula of docs/design.md written out directly, and the statistics of
 its masks."""
 import math
 
@@ -10,7 +10,7 @@ from stochdepth_kernels import drop_path, fused_drop_path_add, reference
 
 
 def direct_formula(x, residual, p, seed, *, training, mode, scale_by_keep, relu):
-    """DESIGN.md in float64, one row at a time."""
+    """docs/design.md in float64, one row at a time."""
     keep = 1.0 - p
     out = torch.empty(x.shape, dtype=torch.float64)
     seed_t = torch.tensor([seed])

@@ -1,4 +1,4 @@
-"""DESIGN.md's edge cases, for every backend that runs on the CPU."""
+"""docs/design.md's edge cases, for every backend that runs on the CPU."""
 import numpy as np
 import pytest
 import torch
@@ -99,7 +99,7 @@ def _python_number_p(backend):
                                                                                       backend=backend)])
 
 
-# Valid inputs at the edge, with the result README's guarantees give them: NaN/Inf in a kept row or
+# Valid inputs at the edge, with the result docs/design.md's guarantees give them: NaN/Inf in a kept row or
 # in the residual propagate (ReLU keeps NaN); any 1-d or zero-size shape; stride-0 views; int and
 # NumPy p.
 EDGE_CASES = [_nonfinite_x, _nan_residual_through_relu, _one_dimensional, _zero_features, _expanded, _python_number_p]
