@@ -35,7 +35,6 @@ venv: $(VENV)/.deps
 $(VENV)/.deps: requirements-dev.txt
 	@test -x $(PY) || { python=$$(PYTHON='$(PYTHON)' .ci/find-python) && \
 		echo "make: creating $(VENV) with $$python ($$($$python --version 2>&1))" && $$python -m venv $(VENV); }
-	$(SAY_PYTHON)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
