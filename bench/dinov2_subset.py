@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from bench.subset_controls import replace_drop_modules
 from stochdepth_kernels import DropPathAdd, subset_size
 
 
@@ -43,10 +44,4 @@ class Dinov2StyleSubsetAdd(nn.Module):
 
 def use_dinov2_subset(model: nn.Module) -> int:
     """Replaces every :class:`DropPathAdd` of ``model`` with the anchor; returns how many."""
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DropPathAdd):
-                setattr(module, name, Dinov2StyleSubsetAdd(child))
-                replaced += 1
-    return replaced
+    return replace_drop_modules(model, Dinov2StyleSubsetAdd)

@@ -14,6 +14,11 @@ candidates of one model timed round-robin:
   pure PyTorch as DINOv2 writes it (``randperm``, ``index_select``, ``index_add(alpha=B/k)``;
   bench/dinov2_subset.py).
 
+Two controls, run only when named (``--variant all-kept one-less``), tell where a subset saving goes:
+``all-kept`` is the subset model with every row kept (the method's mechanics at no skipped work: its
+own cost; bench/subset_controls.py), ``one-less`` the model without stochastic depth on one sample
+fewer (what dropping a sample in every block could save at most).
+
 A skipping variant's saving is compared with what it can be: the expected share of the model's
 FLOPs that skipping removes, the sum over stochastic-depth modules of ``rate * (FLOPs with the
 module's branch run - FLOPs with it skipped) / FLOPs`` (``torch.utils.flop_counter``, one forward per
@@ -34,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import run_and_write
 from bench.dinov2_subset import use_dinov2_subset
+from bench.subset_controls import use_all_rows_kept
 from bench.op import environment
 from bench.timing import measure_side_by_side, paired_change
 from stochdepth_kernels import DropPathAdd
@@ -52,20 +58,25 @@ TIMM_HIGH = f"timm DropPath, drop_path_rate {HIGH_RATE}"
 SAMPLE, BLOCK = f"stochdepth sample-wise, {SAMPLE_RATE}", f"stochdepth block-wise, {BLOCK_RATE}"
 SUBSET, SUBSET_HIGH = f"stochdepth subset, {SAMPLE_RATE}", f"stochdepth subset, {HIGH_RATE}"
 DINOV2, DINOV2_HIGH = f"DINOv2-style subset, {SAMPLE_RATE}", f"DINOv2-style subset, {HIGH_RATE}"
+ALL_KEPT, ONE_LESS = "control: subset, every row kept", "control: none, one sample fewer"
 # name: (command-line id, timm's drop_path_rate at build, surgery's stochastic_method or None, its rate,
-# DINOv2 anchor)
+# what replaces the surgery's modules: None, use_dinov2_subset or use_all_rows_kept)
 VARIANTS = {
-    NONE: ("none", 0.0, None, 0.0, False),
-    TIMM: ("timm", SAMPLE_RATE, None, 0.0, False),
-    TIMM_HIGH: ("timm-0.4", HIGH_RATE, None, 0.0, False),
-    SAMPLE: ("sample", 0.0, "sample", SAMPLE_RATE, False),
-    BLOCK: ("block", 0.0, "block", BLOCK_RATE, False),
-    SUBSET: ("subset", 0.0, "subset", SAMPLE_RATE, False),
-    SUBSET_HIGH: ("subset-0.4", 0.0, "subset", HIGH_RATE, False),
-    DINOV2: ("dinov2", 0.0, "subset", SAMPLE_RATE, True),
-    DINOV2_HIGH: ("dinov2-0.4", 0.0, "subset", HIGH_RATE, True),
+    NONE: ("none", 0.0, None, 0.0, None),
+    TIMM: ("timm", SAMPLE_RATE, None, 0.0, None),
+    TIMM_HIGH: ("timm-0.4", HIGH_RATE, None, 0.0, None),
+    SAMPLE: ("sample", 0.0, "sample", SAMPLE_RATE, None),
+    BLOCK: ("block", 0.0, "block", BLOCK_RATE, None),
+    SUBSET: ("subset", 0.0, "subset", SAMPLE_RATE, None),
+    SUBSET_HIGH: ("subset-0.4", 0.0, "subset", HIGH_RATE, None),
+    DINOV2: ("dinov2", 0.0, "subset", SAMPLE_RATE, use_dinov2_subset),
+    DINOV2_HIGH: ("dinov2-0.4", 0.0, "subset", HIGH_RATE, use_dinov2_subset),
+    ALL_KEPT: ("all-kept", 0.0, "subset", SAMPLE_RATE, use_all_rows_kept),
+    ONE_LESS: ("one-less", 0.0, None, 0.0, None),
 }
 BY_ID = {spec[0]: name for name, spec in VARIANTS.items()}
+CONTROLS = (ALL_KEPT, ONE_LESS)
+DEFAULT_VARIANTS = tuple(name for name in VARIANTS if name not in CONTROLS)
 # The variants whose dropped work is skipped, and the variant whose modules give its expected share.
 SKIPPING = {BLOCK: BLOCK, SUBSET: SUBSET, SUBSET_HIGH: SUBSET_HIGH, DINOV2: SUBSET, DINOV2_HIGH: SUBSET_HIGH}
 
@@ -77,7 +88,8 @@ def parse_args(argv=None):
                         help="models to run (default: ResNet-50 and ViT-S/16 on a CPU, ResNet-50 and ViT-B/16 on a GPU; "
                              "also Swin-T)")
     parser.add_argument("--variant", nargs="+", choices=list(BY_ID),
-                        help="variants to run (default: all; 'none' always runs, the others compare with it)")
+                        help="variants to run (default: all but the controls all-kept and one-less; 'none' always "
+                             "runs, the others compare with it)")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--samples", type=int, default=None, help="steps timed per candidate (default 15)")
@@ -87,14 +99,14 @@ def parse_args(argv=None):
 
 def build(model_name: str, image_size: int, device, stochastic: str = NONE):
     """The model (same weights for every variant) with stochastic depth ``stochastic`` (a VARIANTS name)."""
-    _, timm_rate, method, rate, dinov2 = VARIANTS[stochastic]
+    _, timm_rate, method, rate, replace = VARIANTS[stochastic]
     torch.manual_seed(0)
     options = {"img_size": image_size} if model_name.startswith(("vit", "swin")) else {}  # timm adapts windows
     model = timm.create_model(model_name, drop_path_rate=timm_rate, **options).to(device).train()
     if method is not None:
         apply_drop_path(model, rate, stochastic_method=method)
-    if dinov2:
-        use_dinov2_subset(model)
+    if replace is not None:
+        replace(model)
     return model
 
 
@@ -123,17 +135,18 @@ def expected_skipped_fraction(model, x, batch: int) -> float:
     return skipped / total
 
 
-def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=tuple(VARIANTS)) -> dict:
-    """The variants' training steps side by side (``variants``: names; NONE is added if missing)."""
+def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT_VARIANTS) -> dict:
+    """The variants' training steps side by side on the batch ``x`` (ONE_LESS on all of it but its first
+    sample; ``variants``: names; NONE is added if missing)."""
     chosen = [NONE, *(name for name in variants if name != NONE)]
     models = {name: build(model_name, x.shape[-1], x.device, name) for name in chosen}
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def step(model=model, optimizer=optimizer):
+        def step(model=model, optimizer=optimizer, batch=x[1:] if name == ONE_LESS else x):
             optimizer.zero_grad(set_to_none=True)
-            model(x).square().mean().backward()
+            model(batch).square().mean().backward()
             optimizer.step()
 
         steps[name] = step
@@ -169,7 +182,7 @@ def run(args) -> dict:
     samples = args.samples or (3 if args.quick else 15)
     x = torch.randn(batch, 3, size, size, device=device)
     labels = args.model or DEFAULT_MODELS[device.type]
-    variants = [BY_ID[identifier] for identifier in args.variant] if args.variant else list(VARIANTS)
+    variants = [BY_ID[identifier] for identifier in args.variant] if args.variant else DEFAULT_VARIANTS
     results = {label: bench_model(MODELS[label], x, samples, variants) for label in labels}
     return {"benchmark": "models", **environment(device, args.command), "batch": batch, "image_size": size,
             "samples": samples, "models": results}

@@ -118,10 +118,19 @@ def drop_path_add_subset(branch: Callable[..., Tensor], inputs, residual: Tensor
                       f"not p={p})", stacklevel=2)
     if kept == 0:
         return torch.relu(residual) if relu else residual.clone()
-    rows = impl.subset_rows(seed_t, batch, kept)
+    return run_on_kept_rows(impl, branch, inputs, residual, seed_t, kept, batch / kept if scale_by_keep else 1.0,
+                            relu)
+
+
+def run_on_kept_rows(impl, branch: Callable[..., Tensor], inputs: tuple[Tensor, ...], residual: Tensor, seed: Tensor,
+                     kept: int, scale: float, relu: bool) -> Tensor:
+    """The method's mechanics once ``k = kept`` (at least 1) is known: the kept rows for ``seed``, the
+    branch on their gathered inputs, the fused add of its ``s * y`` (``s = scale``) into ``residual``,
+    on the backend ``impl``."""
+    rows = impl.subset_rows(seed, residual.shape[0], kept)
     y = branch(*(_kept_rows(impl, t, rows) for t in inputs))
     if not isinstance(y, Tensor) or y.shape != (kept, *residual.shape[1:]):
         raise ValueError(f"branch must return the {kept} kept rows of residual's shape {tuple(residual.shape)}, got "
                          f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
     validation.check_input(y, "branch output")
-    return impl.subset_add(y, residual, rows, batch / kept if scale_by_keep else 1.0, relu)
+    return impl.subset_add(y, residual, rows, scale, relu)

@@ -8,6 +8,7 @@ import torch
 
 from bench import models
 from bench.dinov2_subset import Dinov2StyleSubsetAdd
+from bench.subset_controls import AllRowsKeptSubsetAdd
 from stochdepth_kernels import DropPathAdd
 
 
@@ -55,6 +56,39 @@ def test_dinov2_anchor_keeps_k_samples_scaled_by_b_over_k():
     assert int(changed.sum()) == 5
     torch.testing.assert_close(out[changed], residual[changed] + 8 / 5 * h[changed])
     model(torch.randn(2, 3, 32, 32)).mean().backward()
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_all_rows_kept_control_is_the_unscaled_add_through_the_subset_kernels(activation, monkeypatch):
+    """Every row runs the branch with factor 1, through the method's gather and fused add; the gradients
+    are the plain add's."""
+    from stochdepth_kernels import subset
+
+    calls = []
+    monkeypatch.setattr(subset, "_kept_rows", lambda impl, t, rows: calls.append(rows) or impl.gather_rows(t, rows))
+    control = AllRowsKeptSubsetAdd(DropPathAdd(0.3, activation=activation, mode="subset"))
+    weight = torch.randn(5, 5, requires_grad=True)
+    residual, h = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    out = control.add_branch(lambda t: t @ weight, residual, lambda: [weight], (h,))
+    assert len(calls) == 1 and calls[0].tolist() == list(range(6))
+    expected = residual + h @ weight
+    expected = torch.relu(expected) if activation == "relu" else expected
+    torch.testing.assert_close(out, expected)
+    g = torch.randn(6, 5)
+    torch.testing.assert_close(torch.autograd.grad(out, (residual, h, weight), g),
+                               torch.autograd.grad(expected, (residual, h, weight), g))
+    control.eval()
+    torch.testing.assert_close(control.add_branch(lambda t: t @ weight, residual, lambda: [weight], (h,)), expected)
+
+
+def test_controls_run_only_when_named():
+    assert models.ALL_KEPT not in models.DEFAULT_VARIANTS and models.ONE_LESS not in models.DEFAULT_VARIANTS
+    assert models.parse_args(["--variant", "all-kept", "one-less"]).variant == ["all-kept", "one-less"]
+    model = models.build("vit_small_patch16_224", 32, torch.device("cpu"), models.ALL_KEPT)
+    assert len([m for m in model.modules() if isinstance(m, AllRowsKeptSubsetAdd)]) == 24
+    result = models.bench_model("resnet18", torch.randn(3, 3, 32, 32), 1, (models.ALL_KEPT, models.ONE_LESS))
+    assert [row["name"] for row in result["rows"]] == [models.NONE, models.ALL_KEPT, models.ONE_LESS]
+    assert not any("expected_skipped_flops_fraction" in row for row in result["rows"])
 
 
 def test_markdown_reports_each_model_row_and_the_skipping_savings():
