@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import run_and_write
 from bench.dinov2_subset import use_dinov2_subset
-from bench.subset_controls import use_all_rows_kept
 from bench.op import environment
+from bench.subset_controls import use_all_rows_kept
 from bench.timing import measure_side_by_side, paired_change
 from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
