@@ -24,7 +24,8 @@ class Dinov2StyleSubsetAdd(nn.Module):
 
     def __init__(self, drop: DropPathAdd):
         super().__init__()
-        self.drop_prob, self.activation = drop.drop_prob, drop.activation
+        self.drop_prob, self.activation, self.mode = drop.drop_prob, drop.activation, "subset"
+        self.scale_by_keep = drop.scale_by_keep
         self.train(drop.training)
 
     def add_branch(self, branch: Callable[..., Tensor], residual: Tensor, parameters, inputs=()) -> Tensor:

@@ -38,7 +38,7 @@ class AllRowsKeptSubsetAdd(nn.Module):
 
     def __init__(self, drop: DropPathAdd):
         super().__init__()
-        self.activation = drop.activation
+        self.activation, self.mode, self.scale_by_keep = drop.activation, "subset", drop.scale_by_keep
         self.train(drop.training)
 
     def add_branch(self, branch: Callable[..., Tensor], residual: Tensor, parameters, inputs=()) -> Tensor:

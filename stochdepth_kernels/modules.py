@@ -115,7 +115,8 @@ class _SkippedBranch(torch.autograd.Function):
 
 
 class DropPathAdd(_HasDropProbability):
-    """``forward(x, residual) = act(residual + drop_path(x))`` in one kernel (:func:`fused_drop_path_add`).
+    """``forward(x, residual) = act(residual + drop_path(x))`` in one kernel (:func:`fused_drop_path_add`);
+    ``forward(x)`` is :meth:`unary`.
 
     :meth:`add_branch` takes the branch as a function instead, so that a dropped sample can skip its
     compute: with ``mode="batch"`` the batch's coin is tossed on the host (the CPU generator, the
@@ -133,12 +134,22 @@ class DropPathAdd(_HasDropProbability):
         validation.check_bool(scale_by_keep, "scale_by_keep")
         self.activation, self.mode, self.scale_by_keep = activation, mode, scale_by_keep
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is None:
+            return self.unary(x)
         if self.mode == "subset":
             return self._subset(_identity, (x,), residual, lambda: ())
         p, seed = self._rate_and_seed(x, x, residual)
         return fused_drop_path_add(x, residual, p, training=self.training, mode=self.mode,
                                    scale_by_keep=self.scale_by_keep, activation=self.activation, seed=seed)
+
+    def unary(self, x: Tensor) -> Tensor:
+        """:func:`drop_path` of ``x`` with this module's rate, seeds and scaling (eval: ``x``, or
+        ``(1 - p) x`` without ``scale_by_keep``; the subset method's rows need the add: row mode), for
+        a block that calls its drop slot without a residual too."""
+        p, seed = self._rate_and_seed(x, x)
+        return drop_path(x, p, training=self.training, mode="batch" if self.mode == "batch" else "row",
+                         scale_by_keep=self.scale_by_keep, seed=seed)
 
     def effective_drop_rate(self, batch: int) -> float:
         """The fraction of a training batch of ``batch`` samples that is dropped: ``drop_prob``, or

@@ -1,21 +1,18 @@
-"""Model surgery: stochastic depth on the residual blocks of torchvision and timm models.
+"""Model surgery: stochastic depth on the residual blocks of any model that has drop-path slots.
 
 ``apply_stochastic_depth`` is Composer's function (its keywords, defaults and semantics: block-wise,
 no training-time scaling, eval x (1 - p)); ``apply_drop_path`` gives timm's ``drop_path_rate``
-(sample-wise, kept samples x 1/(1 - p), eval bit-identical to the unmodified model). Each matching
-block is changed in place: its class becomes a subclass whose forward ends in the fused
-``act(shortcut + drop(branch))`` (:class:`DropPathAdd`), its weights, parameter objects, names and
-state-dict keys stay as they were.
-With ``stochastic_method="block"`` a dropped batch skips the branch's compute, with ``"subset"``
-(DINOv2's method) the branch runs on the kept samples only; shortcuts always run (the paper drops
-only the branch).
+(sample-wise, kept samples x 1/(1 - p), eval bit-identical to the unmodified model).
 
-Supported: torchvision ResNet ``BasicBlock`` / ``Bottleneck`` (ReLU fused); timm ViT ``Block`` and
-``SwinTransformerBlock`` (both residuals, one coin each), ``ConvNeXtBlock``, ResNet ``BasicBlock`` /
-``Bottleneck`` (ReLU fused where the block's last activation is one), EfficientNet / MobileNet
-``InvertedResidual`` and ``DepthwiseSeparableConv`` (those without a skip connection are reported as
-skipped). timm's ``DropPath`` or ``nn.Identity`` on the residual (also where timm built the block
-with rate 0) becomes the fused add. Other block types join through :func:`register_block`.
+A block is a module that holds a drop slot: a timm ``DropPath``, a torchvision ``StochasticDepth``,
+this package's ``DropPath``, a module type of :func:`register_drop_module`, an ``nn.Identity`` or
+``None`` held under a drop-path name (timm's rate-0 slots), or a call of a function of
+:func:`register_drop_function`; torchvision's ResNet blocks (no slot) join through
+:func:`register_block`. One generic rewrite serves them all (``block_graph``): the block's own
+forward, traced, each ``residual + drop(branch)`` made the fused op at the best level it allows,
+named per residual in the report (1: fused, the branch cut out so that dropped samples skip it;
+2: fused; 3: this package's unary drop in the slot). The block's class becomes a subclass running the
+regenerated forward; its weights, parameter objects, names and state-dict keys stay as they were.
 """
 from __future__ import annotations
 
@@ -26,15 +23,22 @@ import torch
 from torch import nn
 
 from stochdepth_kernels import validation
-from stochdepth_kernels.modules import DropPathAdd
+from stochdepth_kernels.block_graph import (DROP_SLOT_NAME, Tail, Untraceable, drop_functions, drop_module_types,
+                                            register_drop_function, register_drop_module, rewritten_code,
+                                            slot_attribute, trace_tails)
+from stochdepth_kernels.modules import DropPath, DropPathAdd
 from stochdepth_kernels.schedules import CONVENTIONS, DISTRIBUTIONS, drop_path_rates
 from stochdepth_kernels.subset import effective_drop_rate
 
-__all__ = ["SurgeryReport", "apply_drop_path", "apply_stochastic_depth", "register_block"]
+__all__ = ["SurgeryReport", "apply_drop_path", "apply_stochastic_depth", "register_block", "register_drop_function",
+           "register_drop_module"]
 
 STOCHASTIC_METHODS = {"sample": "row", "block": "batch", "subset": "subset"}
 # Composer's target_layer_name for torchvision's Bottleneck.
 ALIASES = {"ResNetBottleneck": "Bottleneck"}
+# The slot surgery adds to a registered block that has none (torchvision's ResNet blocks).
+ADDED_SLOT = "stochastic_depth"
+LEVELS = {1: "fused, the branch cut out", 2: "fused", 3: "unary drop"}
 
 
 @dataclass
@@ -51,14 +55,18 @@ class Settings:
 Adapter = Callable[[nn.Module, Settings], str]
 SkipRule = Callable[[nn.Module], "str | None"]
 _ADAPTERS: dict[type, tuple[Adapter, SkipRule]] = {}
+_WITHOUT_SLOT: list[type] = []
 
 
 @dataclass
 class SurgeryReport:
     """Which modules changed (name, block type, drop rate, how) and which matched but were skipped;
-    ``mode``: the modules' (``"row"``, ``"batch"`` or ``"subset"``)."""
+    ``levels``: (block, slot, level) of each residual of the changed blocks (1 fused with the branch
+    cut out, 2 fused, 3 unary drop; 0 for a block changed by a registered adapter); ``mode``: the
+    modules' (``"row"``, ``"batch"`` or ``"subset"``)."""
     changed: list[tuple[str, str, float, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    levels: list[tuple[str, str, int]] = field(default_factory=list)
     mode: str = "row"
 
     def rates(self) -> list[float]:
@@ -79,20 +87,23 @@ class SurgeryReport:
         return "\n".join(lines)
 
 
-def register_block(cls: type, adapter: Adapter, skip_rule: SkipRule | None = None) -> None:
-    """Makes ``apply_stochastic_depth`` handle blocks of type ``cls`` with ``adapter(block, settings)``;
-    ``skip_rule(block)``, if given, names why a block must be left alone (None: adapt it)."""
+def register_block(cls: type, adapter: Adapter | None = None, skip_rule: SkipRule | None = None) -> None:
+    """Makes surgery handle blocks of type ``cls``: with ``adapter(block, settings)`` (which changes
+    the block and returns how; ``skip_rule(block)``, if given, names why a block must be left alone),
+    or without one as a residual block that has no drop slot: the generic rewrite puts one on the
+    last add of the block's input (or of its downsample) to its branch."""
     if not isinstance(cls, type):
         raise TypeError(f"cls must be a class, got {type(cls).__name__}")
-    if not callable(adapter):
-        raise TypeError(f"adapter must be callable, got {type(adapter).__name__}")
+    if not (adapter is None or callable(adapter)):
+        raise TypeError(f"adapter must be callable or None, got {type(adapter).__name__}")
     if not (skip_rule is None or callable(skip_rule)):
         raise TypeError(f"skip_rule must be callable or None, got {type(skip_rule).__name__}")
-    _ADAPTERS[cls] = (adapter, skip_rule or (lambda block: None))
-
-
-def supported_block_names() -> list[str]:
-    return sorted({cls.__name__ for cls in _ADAPTERS} | set(ALIASES))
+    if adapter is None:
+        if skip_rule is not None:
+            raise ValueError("skip_rule needs an adapter: the generic rewrite finds the blocks to skip itself")
+        _WITHOUT_SLOT.append(cls)
+    else:
+        _ADAPTERS[cls] = (adapter, skip_rule or (lambda block: None))
 
 
 def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = None, stochastic_method: str = "block",
@@ -100,16 +111,16 @@ def apply_stochastic_depth(model: nn.Module, target_layer_name: str | None = Non
                            optimizers=None, *, convention: str = "paper", scale_by_keep: bool = False) -> SurgeryReport:
     """Composer's ``apply_stochastic_depth``: its keywords, defaults and semantics. Every block of
     ``model`` of type ``target_layer_name`` (a class name, or Composer's ``"ResNetBottleneck"``;
-    None: every supported block type) gets stochastic depth: ``"block"`` drops whole blocks for the
-    batch (a dropped block skips its branch's compute), ``"sample"`` drops samples, ``"subset"``
-    runs each branch on a fixed number of kept samples only (not in Composer); no training-time
-    scaling, eval outputs ``shortcut + (1 - p) * branch`` (``scale_by_keep=False``); rates
-    ``(l + 1) / L * drop_rate`` (``drop_distribution="linear"``; ``convention="timm"``: linspace
-    from 0). ``use_same_gpu_seed`` (block method): True drops the same blocks on every rank whose
-    generator is seeded alike, False lets ranks differ; no effect with ``"sample"``, as in Composer.
-    ``optimizers`` (one or a sequence): surgery keeps every ``Parameter`` object, so an optimizer
-    built before it trains the changed model; checked. For timm's defaults see
-    :func:`apply_drop_path`."""
+    None: every block) gets stochastic depth: ``"block"`` drops whole blocks for the batch (a
+    dropped block skips its branch's compute), ``"sample"`` drops samples, ``"subset"`` runs each
+    branch on a fixed number of kept samples only (not in Composer); no training-time scaling, eval
+    outputs ``shortcut + (1 - p) * branch`` (``scale_by_keep=False``); rates ``(l + 1) / L *
+    drop_rate`` (``drop_distribution="linear"``; ``convention="timm"``: linspace from 0), one per
+    block, shared by its drop slots. ``use_same_gpu_seed`` (block method): True drops the same blocks
+    on every rank whose generator is seeded alike, False lets ranks differ; no effect with
+    ``"sample"``, as in Composer. ``optimizers`` (one or a sequence): surgery keeps every
+    ``Parameter`` object, so an optimizer built before it trains the changed model; checked. For
+    timm's defaults see :func:`apply_drop_path`."""
     validation.check_bool(use_same_gpu_seed, "use_same_gpu_seed")
     _check_optimizers(optimizers)
     validation.check_module(model, "model")
@@ -126,9 +137,10 @@ def apply_drop_path(model: nn.Module, drop_path_rate: float = 0.1, *, target_lay
                     stochastic_method: str = "sample", drop_distribution: str = "linear", convention: str = "timm",
                     scale_by_keep: bool = True) -> SurgeryReport:
     """timm's ``drop_path_rate`` given to a built model: one coin per sample (``"block"``: per batch,
-    skipping dropped branches), kept samples scaled by ``1/(1 - p)`` (``scale_by_keep``) so eval
-    outputs are bit-identical to the model before surgery, rates linspace(0, drop_path_rate) over the
-    changed blocks (``convention="paper"``: ``(l + 1) / L * rate``). Blocks as in
+    skipping dropped branches; ``"subset"``: the branch on the kept samples only), kept samples
+    scaled by ``1/(1 - p)`` (``scale_by_keep``) so eval outputs are bit-identical to the model before
+    surgery, rates linspace(0, drop_path_rate) over the changed blocks, every drop slot of a block at
+    its block's rate (``convention="paper"``: ``(l + 1) / L * rate``). Blocks as in
     :func:`apply_stochastic_depth`."""
     return _apply(model, target_layer_name, stochastic_method, drop_path_rate, drop_distribution, convention,
                   scale_by_keep, None, rate_name="drop_path_rate")
@@ -140,6 +152,19 @@ def _check_optimizers(optimizers) -> None:
     if group is not None and not (isinstance(group, (list, tuple))
                                   and all(isinstance(o, torch.optim.Optimizer) for o in group)):
         raise TypeError(f"optimizers must be a torch.optim.Optimizer, a sequence of them or None, got {optimizers!r}")
+
+
+@dataclass
+class _Block:
+    """A block surgery found: its slots' attributes, the slot it adds (blocks without one), and what
+    the trace found (its tails, or why it could not be traced)."""
+    name: str
+    module: nn.Module
+    original: type
+    slots: set[str]
+    added: str | None = None
+    tails: list[Tail] = field(default_factory=list)
+    untraceable: str = ""
 
 
 def _apply(model: nn.Module, target_layer_name: str | None, stochastic_method: str, drop_rate: float,
@@ -157,23 +182,146 @@ def _apply(model: nn.Module, target_layer_name: str | None, stochastic_method: s
     validation.check_probability(drop_rate, rate_name)
     validation.check_bool(scale_by_keep, "scale_by_keep")  # before any block changes
     wanted = ALIASES.get(target_layer_name, target_layer_name)
-    blocks = [(name, module) for name, module in model.named_modules()
-              if _adapter_for(module) is not None and (wanted is None or _block_name(module) == wanted)]
+    found = [(name, module) for name, module in model.named_modules() if _is_block(module)]
+    blocks = [(name, module) for name, module in found if wanted is None or _block_name(module) == wanted]
     if not blocks:
+        kinds = sorted({_block_name(module) for _, module in found})
         raise ValueError(f"no block of model {type(model).__name__} matches target_layer_name={target_layer_name!r}; "
-                         f"supported: {supported_block_names()}")
+                         f"its blocks: {kinds} (a block holds a drop-path slot: timm DropPath, torchvision "
+                         f"StochasticDepth, an nn.Identity named drop_path...; or is registered: "
+                         f"{supported_block_names()})")
     report = SurgeryReport(mode=STOCHASTIC_METHODS[stochastic_method])
-    for name, block in blocks:
-        reason = _adapter_for(block)[1](block)
-        if reason is not None:
-            report.skipped.append((name, _block_name(block), reason))
-    skipped = {name for name, _, _ in report.skipped}
-    kept = [(name, block) for name, block in blocks if name not in skipped]
+    kept = []
+    for name, module in blocks:
+        found = _examine(name, module)
+        reason = _adapter_for(module)[1](module) if found is None else _skip_reason(found)
+        if reason is None:
+            kept.append((found, name, module))
+        else:
+            report.skipped.append((name, _block_name(module), reason))
     # The schedule runs over the blocks that get stochastic depth, in order.
-    for (name, block), rate in zip(kept, drop_path_rates(len(kept), drop_rate, drop_distribution, convention)):
+    for (found, name, module), rate in zip(kept, drop_path_rates(len(kept), drop_rate, drop_distribution, convention)):
         settings = Settings(rate, STOCHASTIC_METHODS[stochastic_method], scale_by_keep, seed_scope)
-        report.changed.append((name, _block_name(block), rate, _adapter_for(block)[0](block, settings)))
+        if found is None:
+            how = _adapter_for(module)[0](module, settings)
+            report.levels.append((name, "", 0))
+        else:
+            how = _install(found, settings)
+            report.levels += [(name, tail.slot, tail.level) for tail in found.tails] or \
+                [(name, slot, 3) for slot in sorted(found.slots)]
+        report.changed.append((name, _block_name(module), rate, how))
     return report
+
+
+def _is_block(module: nn.Module) -> bool:
+    return _adapter_for(module) is not None or _without_slot(module) or bool(_slots(module)) \
+        or _is_rewritten(module) or _calls_drop_function(module)
+
+
+def _calls_drop_function(module: nn.Module) -> bool:
+    """Whether the forward of ``module`` names a registered drop function (the trace tells if it calls it)."""
+    names = getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+    return any(getattr(fn, "__name__", None) in names for fn in drop_functions())
+
+
+def _is_rewritten(module: nn.Module) -> bool:
+    return "_stochdepth_slots" in vars(module)
+
+
+def _slots(module: nn.Module) -> set[str]:
+    """The attributes of ``module`` that hold a drop slot (see the module's docstring)."""
+    modules = {name for name, child in module.named_children()
+               if isinstance(child, drop_module_types()) or (type(child) is nn.Identity and DROP_SLOT_NAME.search(name))}
+    empty = {name for name, value in vars(module).items() if value is None and DROP_SLOT_NAME.search(name)}
+    return modules | empty
+
+
+def _without_slot(module: nn.Module) -> bool:
+    return isinstance(module, tuple(_WITHOUT_SLOT)) and not _slots(module)
+
+
+def _examine(name: str, module: nn.Module) -> _Block | None:
+    """The block as the generic rewrite sees it (None for a block of a registered adapter): its
+    slots, and its tails traced with an ``nn.Identity`` in each empty slot."""
+    if _adapter_for(module) is not None:
+        return None
+    if _is_rewritten(module):  # an earlier surgery's: rewritten again from its own class
+        slots, added = module._stochdepth_slots
+        block = _Block(name, module, module._stochdepth_original, set(slots), added)
+    else:
+        added = ADDED_SLOT if _without_slot(module) else None
+        block = _Block(name, module, type(module), _slots(module) | ({added} if added else set()), added)
+    empty = {slot for slot in block.slots if getattr(module, slot, None) is None}
+    for slot in empty:
+        setattr(module, slot, nn.Identity())
+    try:
+        block.tails = trace_tails(module, block.original, block.slots, block.added)
+    except Untraceable as error:
+        block.untraceable = str(error)
+    finally:
+        for slot in empty:
+            delattr(module, slot)
+            if slot != block.added:
+                object.__setattr__(module, slot, None)
+    return block
+
+
+def _skip_reason(block: _Block) -> str | None:
+    """Why the block gets no stochastic depth, or None."""
+    if block.untraceable:
+        unfilled = block.added is not None
+        return f"{block.untraceable}; no slot to put the unary drop in" if unfilled else None
+    if not block.tails:
+        return "no residual connection: its forward calls none of its drop slots"
+    return None
+
+
+def _install(block: _Block, settings: Settings) -> str:
+    """Puts the drop modules in the block's slots and, where a tail is fused, gives it the rewritten
+    forward; returns how, residual by residual."""
+    module = block.module
+    by_slot: dict[str, list[Tail]] = {}
+    for tail in block.tails:
+        by_slot.setdefault(tail.slot, []).append(tail)
+    for slot in block.slots if block.untraceable else ():
+        by_slot[slot] = [Tail(slot, 3, reason=block.untraceable)]
+    for slot, tails in by_slot.items():
+        fused = any(tail.level < 3 for tail in tails)
+        relu = fused and all(tail.relu for tail in tails if tail.level < 3)
+        drop = _drop_module(settings, fused or slot.startswith("fn:"), relu)
+        setattr(module, slot_attribute(slot), drop.train(module.training))
+    if any(tail.level < 3 or tail.slot.startswith("fn:") for tail in block.tails):
+        _rewrite_class(module, block.original, block.slots, block.added)
+    return "; ".join(_describe(tail, module, settings) for tails in by_slot.values() for tail in tails)
+
+
+def _drop_module(settings: Settings, rewritten: bool, relu: bool) -> nn.Module:
+    """A slot's module: :class:`DropPathAdd` where the rewritten forward calls it (also for the unary
+    form of Composer's eval scaling), else timm's drop-in :class:`DropPath`."""
+    if rewritten or not settings.scale_by_keep:
+        drop = DropPathAdd(settings.rate, activation="relu" if relu else None, mode=settings.mode,
+                           scale_by_keep=settings.scale_by_keep)
+    else:
+        drop = DropPath(settings.rate, mode="batch" if settings.mode == "batch" else "row")
+    drop.seed_scope = settings.seed_scope
+    return drop
+
+
+def _describe(tail: Tail, module: nn.Module, settings: Settings) -> str:
+    drop = getattr(module, slot_attribute(tail.slot))
+    if tail.level == 3:
+        mode = "'batch'" if settings.mode == "batch" else "'row'"
+        return f"{tail.slot}: level 3, unary drop(branch), mode={mode} ({tail.reason})"
+    act = "relu(" if getattr(drop, "activation", None) == "relu" else "("
+    text = f"{tail.slot}: level {tail.level}, fused {act}shortcut + drop(branch)), mode={settings.mode!r}"
+    if tail.level == 2:
+        return f"{text}, the branch always runs ({tail.reason})"
+    return text + {"batch": " (a dropped batch skips the branch)",
+                   "subset": " (dropped samples skip the branch)"}.get(settings.mode, "")
+
+
+def supported_block_names() -> list[str]:
+    return sorted({cls.__name__ for cls in (*_ADAPTERS, *_WITHOUT_SLOT)} | set(ALIASES))
 
 
 def _block_name(module: nn.Module) -> str:
@@ -187,175 +335,57 @@ def _adapter_for(module: nn.Module) -> tuple[Adapter, SkipRule] | None:
     return None
 
 
-# Each supported block's class becomes a subclass whose forward ends in the fused add: the block's
-# own code up to the add (a mirror of torchvision's / timm's forward), then
-# drop.add_branch(branch, shortcut, branch parameters). The subclasses are made at import, one per
-# block class, so that pickles find them by name.
-
-def _parameters(block: nn.Module, *names: str, excluding: str | None = None) -> Callable[[], list[nn.Parameter]]:
-    """The parameters of ``block``'s submodules ``names`` (all but ``excluding`` when none are given)."""
-    if names:
-        return lambda: [p for name in names if getattr(block, name, None) is not None
-                        for p in getattr(block, name).parameters()]
-    return lambda: [p for name, p in block.named_parameters() if excluding is None or not name.startswith(excluding)]
+# A rewritten block's class: a subclass of its own whose methods are the regenerated forward and the
+# cut-out branches. One class per distinct code; pickling and deepcopy rebuild it from the block's
+# original class (the generated code has no importable name).
+_REWRITTEN: dict[tuple[type, str], type] = {}
+_RESTORING: dict[type, type] = {}
 
 
-def resnet_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The residual branch of a torchvision ``BasicBlock`` or ``Bottleneck``: its forward up to the add."""
-    out = block.relu(block.bn1(block.conv1(x)))
-    out = block.bn2(block.conv2(out))
-    if hasattr(block, "conv3"):
-        out = block.bn3(block.conv3(block.relu(out)))
-    return out
+def _rewrite_class(module: nn.Module, original: type, slots: set[str], added: str | None) -> None:
+    key, methods, _ = rewritten_code(module, original, slots, added)
+    if (original, key) not in _REWRITTEN:
+        name = f"{original.__name__}WithStochasticDepth"
+        _REWRITTEN[original, key] = type(name, (original,), {
+            **methods, "__module__": __name__, "__qualname__": name, "__reduce_ex__": _reduce_rewritten,
+            "_stochdepth_block_name": original.__name__, "_stochdepth_original": original})
+    module._stochdepth_slots = (tuple(sorted(slots)), added)
+    module.__class__ = _REWRITTEN[original, key]
 
 
-class _TorchvisionResNetTail:
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.stochastic_depth.add_branch(lambda x: resnet_branch(self, x), identity,
-                                                _parameters(self, excluding="downsample."), (x,))
+def _reduce_rewritten(self, protocol):
+    return _restoring, (self._stochdepth_original,), dict(vars(self))
 
 
-class _TimmResNetTail:
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "conv3"):  # Bottleneck
-            x = self.act1(self.bn1(self.conv1(x)))
-            x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-            x = self.bn3(self.conv3(x))
-        else:  # BasicBlock
-            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-            x = self.bn2(self.conv2(x))
-        return x if self.se is None else self.se(x)
+def _restoring(original: type) -> nn.Module:
+    """A blank block that becomes the rewritten ``original`` when its state is set (pickle, deepcopy)."""
+    if original not in _RESTORING:
+        def __setstate__(self, state):
+            original.__setstate__(self, state)
+            slots, added = self._stochdepth_slots
+            _rewrite_class(self, original, set(slots), added)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.drop_path.add_branch(self._branch, shortcut, _parameters(self, excluding="downsample."), (x,))
-        last_act = self.act3 if hasattr(self, "conv3") else self.act2
-        return out if self.drop_path.activation == "relu" else last_act(out)
+        _RESTORING[original] = type(f"{original.__name__}Restoring", (original,), {"__setstate__": __setstate__})
+    blank = _RESTORING[original]
+    return blank.__new__(blank)
 
 
-def _per_sample(batch: int, kwargs: dict) -> tuple[dict, dict]:
-    """``kwargs`` split into the per-sample tensors (a 4-d attention mask of one mask per sample,
-    ``(B, heads or 1, N, N)``, which the subset method indexes with the kept rows) and the rest."""
-    per_sample = {name: value for name, value in kwargs.items()
-                  if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == batch and batch > 1}
-    return per_sample, {name: value for name, value in kwargs.items() if name not in per_sample}
-
-
-class _VitBlockTail:
-    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        per_sample, shared = _per_sample(x.shape[0], attn_kwargs)
-        names = tuple(per_sample)
-
-        def attention(x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
-            return self.ls1(self.attn(self.norm1(x), **shared, **dict(zip(names, masks))))
-
-        x = self.drop_path1.add_branch(attention, x, _parameters(self, "norm1", "attn", "ls1"),
-                                       (x, *per_sample.values()))
-        return self.drop_path2.add_branch(lambda x: self.ls2(self.mlp(self.norm2(x))), x,
-                                          _parameters(self, "norm2", "mlp", "ls2"), (x,))
-
-
-class _SwinBlockTail:
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
-        x = self.drop_path1.add_branch(lambda x: self._attn(self.norm1(x)), x, _parameters(self, "norm1", "attn"), (x,))
-        x = x.reshape(batch, -1, channels)
-        x = self.drop_path2.add_branch(lambda x: self.mlp(self.norm2(x)), x, _parameters(self, "norm2", "mlp"), (x,))
-        return x.reshape(batch, height, width, channels)
-
-
-class _ConvNeXtBlockTail:
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_dw(x)
-        if self.use_conv_mlp:
-            x = self.mlp(self.norm(x))
-        else:
-            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        return x if self.gamma is None else x.mul(self.gamma.reshape(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path.add_branch(self._branch, self.shortcut(x), _parameters(self, excluding="shortcut."), (x,))
-
-
-class _InvertedResidualTail:
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_s2d is not None:
-            x = self.bn_s2d(self.conv_s2d(x))
-        if hasattr(self, "conv_pwl"):  # InvertedResidual
-            x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
-            return self.bn3(self.conv_pwl(self.se(self.aa(x))))
-        x = self.se(self.aa(self.bn1(self.conv_dw(x))))  # DepthwiseSeparableConv
-        return self.bn2(self.conv_pw(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path.add_branch(self._branch, x, _parameters(self), (x,))
-
-
-_FUSED_CLASSES: dict[type, type] = {}
-
-
-def _fuse(cls: type, tail: type, prefix: str) -> None:
-    """Makes ``{prefix}{cls.__name__}WithStochasticDepth``, ``cls`` with ``tail``'s forward."""
-    name = f"{prefix}{cls.__name__}WithStochasticDepth"
-    fused = type(name, (tail, cls), {"_stochdepth_block_name": cls.__name__, "__module__": __name__,
-                                     "__qualname__": name})
-    globals()[name] = fused
-    _FUSED_CLASSES[cls] = fused
-
-
-def _fusing_adapter(*attributes: str, relu: Callable[[nn.Module], bool] = lambda block: False) -> Adapter:
-    """Sets each of ``attributes`` to a :class:`DropPathAdd` (ReLU fused where ``relu(block)``) and
-    gives the block its fused class."""
-
-    def adapt(block: nn.Module, settings: Settings) -> str:
-        activation = "relu" if relu(block) else None
-        for attribute in attributes:
-            drop = DropPathAdd(settings.rate, activation=activation, mode=settings.mode,
-                               scale_by_keep=settings.scale_by_keep)
-            drop.seed_scope = settings.seed_scope
-            setattr(block, attribute, drop.train(block.training))
-        block.__class__ = _FUSED_CLASSES[next(c for c in type(block).__mro__ if c in _FUSED_CLASSES)]
-        act = "relu(" if activation else "("
-        skipping = {"batch": " (a dropped batch skips the branch)",
-                    "subset": " (dropped samples skip the branch)"}.get(settings.mode, "")
-        return f"fused {act}shortcut + drop(branch)) on {', '.join(attributes)}, mode={settings.mode!r}{skipping}"
-
-    return adapt
-
-
-def _without_skip(block: nn.Module) -> str | None:
-    """timm's inverted residuals add the input only when stride and channels allow (``has_skip``)."""
-    return None if block.has_skip else "no residual connection (stride or channel change)"
-
-
-def _register_known_blocks() -> None:
+def _register_known_types() -> None:
+    """The drop modules of torchvision, timm and this package; torchvision's ResNet blocks (no slot)."""
+    register_drop_module(DropPath)
     try:
-        from torchvision.models import resnet as torchvision_resnet
+        import torchvision
     except ImportError:  # pragma: no cover - torchvision is optional
         pass
     else:
-        for block_class in (torchvision_resnet.BasicBlock, torchvision_resnet.Bottleneck):
-            _fuse(block_class, _TorchvisionResNetTail, "Torchvision")
-            register_block(block_class, _fusing_adapter("stochastic_depth", relu=lambda block: True))
+        register_drop_module(torchvision.ops.StochasticDepth)
+        for block_class in (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck):
+            register_block(block_class)
     try:
-        from timm.models import _efficientnet_blocks, convnext, resnet, swin_transformer, vision_transformer
+        from timm.layers import DropPath as TimmDropPath
     except ImportError:  # pragma: no cover - timm is optional
         return
-    timm_blocks = [
-        (vision_transformer.Block, _VitBlockTail, ("drop_path1", "drop_path2"), None),
-        (swin_transformer.SwinTransformerBlock, _SwinBlockTail, ("drop_path1", "drop_path2"), None),
-        (convnext.ConvNeXtBlock, _ConvNeXtBlockTail, ("drop_path",), None),
-        (_efficientnet_blocks.InvertedResidual, _InvertedResidualTail, ("drop_path",), _without_skip),
-        (_efficientnet_blocks.DepthwiseSeparableConv, _InvertedResidualTail, ("drop_path",), _without_skip),
-    ]
-    for block_class, tail, attributes, skip_rule in timm_blocks:
-        _fuse(block_class, tail, "Timm")
-        register_block(block_class, _fusing_adapter(*attributes), skip_rule)
-    for block_class, last_act in ((resnet.BasicBlock, "act2"), (resnet.Bottleneck, "act3")):
-        _fuse(block_class, _TimmResNetTail, "Timm")
-        register_block(block_class, _fusing_adapter(
-            "drop_path", relu=lambda block, last_act=last_act: isinstance(getattr(block, last_act), nn.ReLU)), None)
+    register_drop_module(TimmDropPath)
 
 
-_register_known_blocks()
+_register_known_types()

@@ -12,7 +12,8 @@ from stochdepth_kernels import (DropPath, DropPathAdd, DropRateWarmup, Stochasti
                                 drop_path_rates, fused_drop_path_add, record_then_replay_masks, set_seed_scope,
                                 stochastic_depth)
 from stochdepth_kernels.backends import BACKENDS
-from stochdepth_kernels.surgery import apply_drop_path, apply_stochastic_depth, register_block
+from stochdepth_kernels.surgery import (apply_drop_path, apply_stochastic_depth, register_block, register_drop_function,
+                                        register_drop_module)
 
 X = random_tensor((4, 3))
 R = random_tensor((4, 3))
@@ -102,7 +103,6 @@ DROP_PROB = "drop_prob must be a probability in [0, 1], got "
 SAME_SHAPE = "x and residual must have the same shape, got (4, 2) and (4, 3)"
 # A rate this small keeps every batch (1 - 1e-9 rounds to 1.0 in float32): the branch runs.
 ALWAYS_KEPT = 1e-9
-SUPPORTED = "supported: ["
 
 # Every other public callable: (id, call, error, message).
 CALL_CASES = [
@@ -184,9 +184,9 @@ CALL_CASES = [
     ("surgery target type", lambda: apply_stochastic_depth(torchvision.models.resnet18(), 3), TypeError,
      "target_layer_name must be a str or None, got int"),
     ("surgery target absent", lambda: apply_stochastic_depth(torchvision.models.resnet18(), "Bottleneck"), ValueError,
-     "no block of model ResNet matches target_layer_name='Bottleneck'; " + SUPPORTED),
+     "no block of model ResNet matches target_layer_name='Bottleneck'; its blocks: ['BasicBlock']"),
     ("surgery no block", lambda: apply_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2))), ValueError,
-     "no block of model Sequential matches target_layer_name=None; " + SUPPORTED),
+     "no block of model Sequential matches target_layer_name=None; its blocks: [] (a block holds a drop-path slot"),
     ("surgery method", lambda: apply_stochastic_depth(torch.nn.Sequential(), stochastic_method="layer"), ValueError,
      "stochastic_method must be one of ['sample', 'block', 'subset'], got 'layer'"),
     ("surgery rate", lambda: apply_stochastic_depth(torch.nn.Sequential(), drop_rate=2.0), ValueError,
@@ -216,8 +216,14 @@ CALL_CASES = [
      "scale_by_keep must be a bool, got int"),
     ("register_block class", lambda: register_block("Block", lambda block, settings: ""), TypeError,
      "cls must be a class, got str"),
-    ("register_block adapter", lambda: register_block(torch.nn.Linear, None), TypeError,
-     "adapter must be callable, got NoneType"),
+    ("register_block adapter", lambda: register_block(torch.nn.Linear, 3), TypeError,
+     "adapter must be callable or None, got int"),
+    ("register_block skip rule without adapter", lambda: register_block(torch.nn.Linear, None, lambda block: None),
+     ValueError, "skip_rule needs an adapter"),
+    ("register_drop_module class", lambda: register_drop_module(torch.nn.functional.relu), TypeError,
+     "cls must be a torch.nn.Module subclass, got <function relu"),
+    ("register_drop_function module", lambda: register_drop_function(torch.nn.Identity), TypeError,
+     "fn must be a function, got <class 'torch.nn.modules.linear.Identity'>"),
     ("register_block skip rule", lambda: register_block(torch.nn.Linear, lambda block, settings: "", 3), TypeError,
      "skip_rule must be callable or None, got int"),
     ("set_seed_scope", lambda: set_seed_scope("node"), ValueError, "seed_scope must be one of ['rank', 'global'], got 'node'"),
