@@ -148,7 +148,7 @@ def trace(block: nn.Module, forward_class: type) -> fx.Graph:
     return graphs[0]
 
 
-def _slot_of(node: fx.Node, block: nn.Module, slots: set[str], calls: dict) -> str | None:
+def _slot_of(node: fx.Node, slots: set[str], calls: dict) -> str | None:
     """The drop slot ``node`` calls: a direct submodule among ``slots``, or the ``fn:<i>`` name of a
     registered drop function's call (numbered in graph order through ``calls``)."""
     if node.op == "call_module" and node.target in slots:
@@ -317,13 +317,10 @@ def find_tails(graph: fx.Graph, block: nn.Module, slots: set[str]) -> list[tuple
     """Each call of a drop slot in ``graph``: ``(tail, drop node, add node or None, relu node or None)``
     with the tail's level before the branch is cut (1 where an add follows, else 3)."""
     calls: dict = {}
-    drops = [node for node in graph.nodes if _slot_of(node, block, slots, calls) is not None]
-    _commute_scales(graph, block, drops)
-    found, calls = [], {}
-    for node in graph.nodes:
-        slot = _slot_of(node, block, slots, calls)
-        if slot is None:
-            continue
+    slot_of = {node: slot for node in graph.nodes if (slot := _slot_of(node, slots, calls)) is not None}
+    _commute_scales(graph, block, list(slot_of))
+    found = []
+    for node, slot in slot_of.items():
         add = next(iter(node.users)) if len(node.users) == 1 else None
         value = node.args[0] if node.args else None
         if node.op == "call_module" and (len(node.args) != 1 or node.kwargs):
