@@ -1,5 +1,5 @@
 """End to end: a training step (forward, backward, SGD step) of timm's ResNet-50 and a ViT (ViT-S/16 on
-a CPU, ViT-B/16 on a GPU; Swin-T with ``--model``) with stochastic depth in every variant below, the
+a CPU, ViT-B/16 on a GPU; Swin-T, EVA-02-Ti and CaiT-XXS24 with ``--model``) with stochastic depth in every variant below, the
 candidates of one model timed round-robin:
 
 - none: the model built with ``drop_path_rate=0``;
@@ -46,7 +46,10 @@ from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
 
 MODELS = {"ResNet-50": "resnet50", "ViT-S/16": "vit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224",
-          "Swin-T": "swin_tiny_patch4_window7_224"}
+          "Swin-T": "swin_tiny_patch4_window7_224", "EVA-02-Ti": "eva02_tiny_patch14_224",
+          "CaiT-XXS24": "cait_xxs24_224"}
+# The models whose timm constructor takes img_size (it adapts patch grids, position embeddings and windows).
+SIZED_PREFIXES = ("vit", "swin", "eva", "cait")
 DEFAULT_MODELS = {"cpu": ("ResNet-50", "ViT-S/16"), "cuda": ("ResNet-50", "ViT-B/16")}
 # (batch, image size). On the CPU batch 16: at 8 a branch run on 7 samples costs nearly what it costs on 8,
 # so the subset method saved a smaller part of its expected FLOP share there.
@@ -86,7 +89,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"batch and image size {QUICK_BATCH}, 3 samples")
     parser.add_argument("--model", nargs="+", choices=list(MODELS),
                         help="models to run (default: ResNet-50 and ViT-S/16 on a CPU, ResNet-50 and ViT-B/16 on a GPU; "
-                             "also Swin-T)")
+                             "also Swin-T, EVA-02-Ti and CaiT-XXS24)")
     parser.add_argument("--variant", nargs="+", choices=list(BY_ID),
                         help="variants to run (default: all but the controls all-kept and one-less; 'none' always "
                              "runs, the others compare with it)")
@@ -101,7 +104,7 @@ def build(model_name: str, image_size: int, device, stochastic: str = NONE):
     """The model (same weights for every variant) with stochastic depth ``stochastic`` (a VARIANTS name)."""
     _, timm_rate, method, rate, replace = VARIANTS[stochastic]
     torch.manual_seed(0)
-    options = {"img_size": image_size} if model_name.startswith(("vit", "swin")) else {}  # timm adapts windows
+    options = {"img_size": image_size} if model_name.startswith(SIZED_PREFIXES) else {}
     model = timm.create_model(model_name, drop_path_rate=timm_rate, **options).to(device).train()
     if method is not None:
         apply_drop_path(model, rate, stochastic_method=method)
@@ -111,7 +114,9 @@ def build(model_name: str, image_size: int, device, stochastic: str = NONE):
 
 
 def _forward_flops(model, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # With gradients on: under no_grad, FlopCounterMode's module tracker fails on CaiT's class-attention
+    # blocks (torch 2.14.1, "Expected gradient function to be set").
+    with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops()
 

@@ -102,15 +102,18 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return list(_backends_on(device.type))
 
 
+def _names_on(device_type: str) -> tuple[str, ...]:
+    return tuple(name for name in AUTO_ORDER if BACKENDS[name].runs_on(torch.device(device_type)))
+
+
+# device type -> available_backends. Filled at import, not at the first call: torch.compile guards on
+# this dict, and a first call that filled it would make the next call recompile.
+_NAMES_ON = {device_type: _names_on(device_type) for device_type in ("cpu", "cuda")}
+
+
 def _backends_on(device_type: str) -> tuple[str, ...]:
     names = _NAMES_ON.get(device_type)
-    if names is None:
-        names = _NAMES_ON[device_type] = tuple(name for name in AUTO_ORDER
-                                               if BACKENDS[name].runs_on(torch.device(device_type)))
-    return names
-
-
-_NAMES_ON: dict[str, tuple[str, ...]] = {}  # device type -> available_backends, computed once per type
+    return _names_on(device_type) if names is None else names
 
 
 def auto_backend(device: torch.device, size_bytes: int = 0) -> str:

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["DROP_SLOT_NAME", "Tail", "Untraceable", "drop_module_types", "register_drop_function",
+from stochdepth_kernels.named_forward import traceable_class, with_extra_arguments
+
+__all__ = ["DROP_SLOT_NAME", "Tail", "Untraceable", "drop_module_types", "is_drop_module", "register_drop_function",
            "register_drop_module", "trace_tails"]
 
 # An nn.Identity (timm's rate-0 slot) or None (timm's ResNet) under such a name is a drop slot.
@@ -70,6 +72,16 @@ def register_drop_function(fn: Callable) -> None:
 
 def drop_module_types() -> tuple[type, ...]:
     return tuple(_DROP_MODULES)
+
+
+def is_drop_module(module: nn.Module) -> bool:
+    """Whether ``module`` fills a drop slot: a registered type, or a copy of timm's by name and state,
+    a class named ``...DropPath`` with a number ``drop_prob`` and no parameters or children (each
+    Hugging Face model defines its own, e.g. ``Dinov2DropPath``)."""
+    if isinstance(module, drop_module_types()):
+        return True
+    return (type(module).__name__.lower().endswith("droppath") and isinstance(getattr(module, "drop_prob", None), float)
+            and next(module.children(), None) is None and next(module.parameters(), None) is None)
 
 
 def drop_functions() -> tuple[Callable, ...]:
@@ -128,7 +140,7 @@ def trace(block: nn.Module, forward_class: type) -> fx.Graph:
     current_class, training = type(block), block.training
     before = set(vars(block))
     try:
-        block.__class__ = forward_class
+        block.__class__ = traceable_class(forward_class)
         for mode in (True, False):
             block.training = mode
             graphs.append(_BlockTracer().trace(block))
@@ -508,7 +520,7 @@ def rewritten_code(block: nn.Module, forward_class: type, slots: set[str],
     each branch and its parameter list), and its tails."""
     graph = _traced(block, forward_class, inserted)
     branches, tails = _rewrite(graph, block, slots)
-    methods = {"forward": compile_graph(graph, f"{forward_class.__name__}.forward")}
+    methods = {"forward": with_extra_arguments(compile_graph(graph, f"{forward_class.__name__}.forward"), forward_class)}
     sources = [graph.python_code("self").src]
     for name, (branch, owners) in branches.items():
         methods[name] = compile_graph(branch, f"{forward_class.__name__}.{name}")

@@ -5,7 +5,8 @@ no training-time scaling, eval x (1 - p)); ``apply_drop_path`` gives timm's ``dr
 (sample-wise, kept samples x 1/(1 - p), eval bit-identical to the unmodified model).
 
 A block is a module that holds a drop slot: a timm ``DropPath``, a torchvision ``StochasticDepth``,
-this package's ``DropPath``, a module type of :func:`register_drop_module`, an ``nn.Identity`` or
+this package's ``DropPath``, a module type of :func:`register_drop_module`, a module of the drop-path
+kind by name (a class ``...DropPath`` with a ``drop_prob``: Hugging Face's), an ``nn.Identity`` or
 ``None`` held under a drop-path name (timm's rate-0 slots), or a call of a function of
 :func:`register_drop_function`; torchvision's ResNet blocks (no slot) join through
 :func:`register_block`. One generic rewrite serves them all (``block_graph``): the block's own
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from stochdepth_kernels import validation
-from stochdepth_kernels.block_graph import (DROP_SLOT_NAME, Tail, Untraceable, drop_functions, drop_module_types,
+from stochdepth_kernels.block_graph import (DROP_SLOT_NAME, Tail, Untraceable, drop_functions, is_drop_module,
                                             register_drop_function, register_drop_module, rewritten_code,
                                             slot_attribute, trace_tails)
 from stochdepth_kernels.modules import DropPath, DropPathAdd
@@ -231,7 +232,7 @@ def _is_rewritten(module: nn.Module) -> bool:
 def _slots(module: nn.Module) -> set[str]:
     """The attributes of ``module`` that hold a drop slot (see the module's docstring)."""
     modules = {name for name, child in module.named_children()
-               if isinstance(child, drop_module_types()) or (type(child) is nn.Identity and DROP_SLOT_NAME.search(name))}
+               if is_drop_module(child) or (type(child) is nn.Identity and DROP_SLOT_NAME.search(name))}
     empty = {name for name, value in vars(module).items() if value is None and DROP_SLOT_NAME.search(name)}
     return modules | empty
 

@@ -4,6 +4,8 @@ checkpointing that saves or recomputes the op, and a checkpointed block inside a
 Each compiled run is checked against eager for one ``torch.manual_seed``: output and every gradient.
 (The Triton backend's compiled path runs in the GPU suite: the interpreter cannot trace.)"""
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +160,27 @@ def test_a_model_after_surgery_compiled_with_no_memory_budget(method):
     with functorch_config.patch(activation_memory_budget=0.0):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager_decomp_partition")
         assert_same_steps(compiled, model, [x], list(model.parameters()), seeds=range(3))
+
+
+FIRST_CALL_COMPILED = """
+import torch
+from stochdepth_kernels import DropPathAdd
+drops = [DropPathAdd(0.5, mode=mode) for mode in ("row", "batch", "subset")]
+linear = torch.nn.Linear(8, 8)
+def f(h):
+    for drop in drops:
+        h = drop.add_branch(linear, h, linear.parameters, (h,))
+    return h
+compiled = torch.compile(f, fullgraph=True, backend="eager")
+h = torch.randn(8, 8)
+compiled(h)
+with torch._dynamo.config.patch(error_on_recompile=True):
+    compiled(h)
+"""
+
+
+def test_a_first_call_under_compile_does_not_make_the_next_recompile():
+    """In a fresh process whose first call of the ops is compiled: the backend lookup fills no cache at
+    that call that the compiled code would guard on (it made the second call recompile)."""
+    result = subprocess.run([sys.executable, "-c", FIRST_CALL_COMPILED], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -297,3 +297,43 @@ def test_vit_per_sample_attention_mask_is_indexed_with_the_kept_rows():
     calls.clear()
     block(x, attn_mask=torch.zeros(5, 5))  # a mask shared by every sample is passed as it is
     assert calls[0][1].shape == (5, 5)
+
+
+class KeywordBlock(torch.nn.Module):
+    """A block whose forward takes ``**kwargs`` (as Hugging Face's layers do): fx cannot trace it as
+    written; surgery traces it with its named arguments only."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+        self.drop_path = timm.layers.DropPath(0.1)
+
+    def forward(self, x, scale=1.0, **kwargs):
+        return x + self.drop_path(self.linear(x) * scale * kwargs.get("gain", 1.0))
+
+
+def test_a_forward_with_kwargs_is_fused_and_runs_its_own_code_for_extra_arguments(monkeypatch):
+    block = KeywordBlock().eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = [block(x), block(x, 0.5), block(x, gain=2.0)]
+    report = apply_drop_path(block, 0.5, convention="paper")  # one block: rate 0.5
+    assert report.levels == [("", "drop_path", 1)], str(report)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip([block(x), block(x, 0.5), block(x, gain=2.0)], expected))
+    calls = []
+    for name in ("unary", "add_branch"):
+        monkeypatch.setattr(DropPathAdd, name, lambda self, *a, _f=getattr(DropPathAdd, name), _n=name:
+                            calls.append(_n) or _f(self, *a))
+    block.train()
+    block(x, scale=0.5)
+    assert calls == ["add_branch"]
+    # gain was not seen by the trace: the class's own forward runs, its slot dropping unary
+    torch.manual_seed(0)
+    out = block(torch.randn(64, 6), gain=2.0)
+    assert calls == ["add_branch", "unary"]
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    kept = (out - x).abs().sum(dim=1) > 0
+    assert 0 < int(kept.sum()) < 64
+    torch.testing.assert_close(out[kept], x[kept] + 2 * block.linear(x[kept]) / 0.5)

@@ -1,7 +1,8 @@
 """Surgery on one small model of every timm model module that builds drop-path slots (the list
 computed from the installed timm), and on torchvision's families with stochastic depth: accepted at
 least at the unary level, eval outputs bit-identical to the unmodified model, a training step with
-finite gradients, and the subset and block methods training wherever a branch is cut out. Prints
+finite gradients, and the subset and block methods training wherever a branch is cut out; one block
+of each rewritten class compiled with ``fullgraph=True``, with no recompile from step to step. Prints
 the table of levels (``pytest -s``); ``docs/modules.md``'s table is checked against it."""
 import importlib
 import inspect
@@ -15,6 +16,7 @@ import timm
 import timm.models
 import torch
 import torchvision
+from torch.utils._pytree import tree_leaves
 
 from stochdepth_kernels.surgery import apply_drop_path, apply_stochastic_depth
 
@@ -193,3 +195,55 @@ def test_zoo_targets_and_level_table():
     documented = {f"{library} {name}": tuple(int(n) for n in counts)
                   for library, name, *counts in DOCS_TABLE_ROW.findall(DOCS_MODULES.read_text())}
     assert documented == LEVELS, "docs/modules.md's coverage table differs from this run: rewrite it from the table above"
+
+
+def first_block_of_each_class(model, x) -> dict[type, tuple]:
+    """One rewritten block of each class in ``model``: (block, its positional and keyword inputs in
+    the model's forward on ``x``)."""
+    blocks = {}
+    for module in model.modules():
+        if "_stochdepth_slots" in vars(module):
+            blocks.setdefault(type(module), module)
+    inputs = {}
+    hooks = [block.register_forward_pre_hook(
+        lambda block, args, kwargs: inputs.setdefault(block, (args, kwargs)) and None, with_kwargs=True)
+        for block in blocks.values()]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return {cls: (block, *inputs[block]) for cls, block in blocks.items() if block in inputs}
+
+
+def float_sum(output) -> torch.Tensor:
+    return sum(t.float().sum() for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+# Blocks whose own forward Dynamo cannot hold in one graph, whatever the surgery: Sequencer's LSTM.
+COMPILE_UNSUPPORTED = {"timm sequencer": "Dynamo does not trace nn.LSTM (graph break gb0014)"}
+
+
+@pytest.mark.parametrize("family, name", CASES, ids=[f"{f}-{n}" for f, n in CASES])
+def test_rewritten_blocks_compile_in_one_graph(family, name):
+    """Each rewritten block class, in training with the method its levels allow (subset where a
+    branch is cut out), under ``torch.compile(fullgraph=True)``: no graph break, no recompile in
+    three steps of fresh coins, and eager's output for each seed. Dynamo only (the ``eager``
+    backend): the ops' AOT-autograd and inductor paths are tested once in test_compile_recompute."""
+    if f"{family} {name}" in COMPILE_UNSUPPORTED:
+        pytest.skip(COMPILE_UNSUPPORTED[f"{family} {name}"])
+    model, x = build(family, name)
+    report = apply_drop_path(model, 0.2)
+    method = "subset" if any(level == 1 for *_, level in report.levels) else "sample"
+    apply_drop_path(model, 0.2, stochastic_method=method)
+    for cls, (block, args, kwargs) in first_block_of_each_class(model, x).items():
+        torch._dynamo.reset()
+        block.train()
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        for seed in range(3):
+            torch.manual_seed(seed)
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                out = compiled(*args, **kwargs)
+            float_sum(out).backward()
+            torch.manual_seed(seed)
+            for got, want in zip(tree_leaves(out), tree_leaves(block(*args, **kwargs))):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{cls.__name__}: {m}")
