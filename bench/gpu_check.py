@@ -34,6 +34,7 @@ LOG, SUMMARY = "gpu_check.log", "phases.json"
 # GPU tests that have never passed on a GPU with the code as it is: phase "unverified" runs them first.
 UNVERIFIED_TESTS = ROOT / "tests" / "gpu_unverified.txt"
 SANITIZER_TESTS = "tests/test_gpu_kernels.py::test_compute_sanitizer_is_clean"
+OLDEST_PINS = ROOT / ".ci" / "torch-oldest.txt"  # make test-oldest's
 PYTEST_WORKERS = 8  # of the machine's 16 cores: Triton compiles on the host while the GPU runs tests
 TAIL_LINES = 12  # of each phase's output, printed to stdout (the device tool returns the last 12,000 characters)
 # The op benchmark's tensors on a GPU: a ResNet-50 stage-1 activation (784 MiB in fp32 at batch 256)
@@ -58,6 +59,12 @@ class Phase:
     outputs: tuple[str, ...] = ()  # files it writes under $OUT
 
 
+def oldest_torch(path: Path = OLDEST_PINS) -> tuple[int, ...]:
+    """The oldest supported torch, from its pin ``torch==X.Y.Z`` in ``path``."""
+    pin = next(line for line in path.read_text().splitlines() if line.startswith("torch=="))
+    return tuple(int(part) for part in pin.removeprefix("torch==").split("."))
+
+
 def unverified_tests(path: Path = UNVERIFIED_TESTS) -> list[str]:
     """The node ids in ``path``, one a line; ``#`` starts a comment."""
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
@@ -78,13 +85,18 @@ def phases(out: Path, python: str = sys.executable, workers: int = PYTEST_WORKER
     unverified = ("-m", "cuda", "--pairwise", *first)
     grid = ("-m", "cuda", "--pairwise", *(f"--deselect={node}" for node in first), "tests")
     op_json, models_json = out / "op.json", out / "models.json"
+    oldest = oldest_torch()
     environment = ("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; "
-                   f"{python} -c \"import sys, torch, triton; print('python', sys.version.split()[0], 'torch', "
-                   "torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)\"; "
                    "nvcc --version | tail -2; "
-                   f"{python} -m pip list 2>/dev/null | grep -iE '^(pytest|pytest-xdist|hypothesis|timm|numpy|ninja) '")
+                   f"{python} -m pip list 2>/dev/null | grep -iE '^(pytest|pytest-xdist|hypothesis|timm|numpy|ninja) '; "
+                   f"{python} -c \"import sys, torch, triton; print('python', sys.version.split()[0], 'torch', "
+                   "torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); "
+                   "found = tuple(int(part) for part in torch.__version__.split('.')[:2]); "
+                   f"sys.exit(found < {oldest[:2]} and 'torch ' + torch.__version__ + ' is older than the oldest "
+                   f"supported, {'.'.join(map(str, oldest))}: the check stops here')\"")
     return [
-        Phase("environment", "the GPU, driver and versions", 10, ("bash", "-c", environment)),
+        Phase("environment", f"the GPU, driver and versions; stops below torch {'.'.join(map(str, oldest[:2]))}", 10,
+              ("bash", "-c", environment)),
         Phase("build", "the extension from source (pip install -e, no build isolation)", 100,
               (python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", ".")),
         Phase("unverified", f"GPU tests never run on a GPU ({UNVERIFIED_TESTS.relative_to(ROOT)}, grids "
@@ -111,7 +123,7 @@ def phases(out: Path, python: str = sys.executable, workers: int = PYTEST_WORKER
     ]
 
 
-ALWAYS = ("environment", "build")  # a fresh machine has nothing built
+ALWAYS = ("environment", "build")  # a fresh machine has nothing built; either failing skips the rest
 
 
 def run_phase(phase: Phase, log, env: dict) -> dict:
@@ -143,7 +155,7 @@ def _tail(path: Path, start: int) -> str:
 
 
 def run(selected: list[Phase], out: Path) -> list[dict]:
-    """Runs ``selected`` in order; a failed build skips the phases after it (they need the extension).
+    """Runs ``selected`` in order; a failed environment (torch too old) or build skips the phases after it.
     Writes the log and the summary under ``out``; prints each phase's tail."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -152,9 +164,10 @@ def run(selected: list[Phase], out: Path) -> list[dict]:
         log.write(f"== gpu check {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
                   f"phases: {', '.join(p.name for p in selected)}\n")
         for phase in selected:
-            if any(r["phase"] == "build" and r["rc"] != 0 for r in records):
-                records.append({"phase": phase.name, "what": phase.what, "skipped": "the build failed"})
-                log.write(f"\n== phase {phase.name} skipped: the build failed\n")
+            failed = next((r["phase"] for r in records if r["phase"] in ALWAYS and r["rc"] != 0), None)
+            if failed:
+                records.append({"phase": phase.name, "what": phase.what, "skipped": f"the {failed} failed"})
+                log.write(f"\n== phase {phase.name} skipped: the {failed} failed\n")
                 continue
             log.flush()
             start = log_path.stat().st_size

@@ -1,5 +1,14 @@
 """Fused stochastic depth (drop path) + residual add for PyTorch. See docs/design.md for the contract."""
-from stochdepth_kernels import ops as _ops  # noqa: F401  (loads the native library, registers ops)
+import torch as _torch
+
+# The oldest torch built and tested (make test-oldest). Older ones lack APIs the package calls, and
+# its compiled library would fail to load with an undefined-symbol error that names neither.
+OLDEST_TORCH = (2, 11)
+if tuple(int(part) for part in _torch.__version__.split(".")[:2]) < OLDEST_TORCH:
+    raise ImportError(f"stochdepth_kernels needs torch >= {'.'.join(map(str, OLDEST_TORCH))} (tested with 2.11 to "
+                      f"2.14.1), found torch {_torch.__version__}")
+
+from stochdepth_kernels import ops as _ops  # noqa: E402, F401  (loads the native library, registers ops)
 from stochdepth_kernels.functional import available_backends, drop_path, fused_drop_path_add
 from stochdepth_kernels.modules import DropPath, DropPathAdd, StochasticDepth, stochastic_depth
 from stochdepth_kernels.schedules import DropRateWarmup, drop_path_rates

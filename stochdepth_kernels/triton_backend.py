@@ -267,7 +267,10 @@ def _subset_rows(seed: Tensor, batch: int, kept: int) -> Tensor:
         raise ValueError(f"kept must be in [0, batch], got kept={kept} and batch={batch}")
     uniforms = torch.empty(batch, dtype=torch.float32, device=seed.device)
     if batch > 0:
-        wrap_triton(_uniforms_kernel)[(triton.cdiv(batch, 1024),)](seed, uniforms, batch, BLOCK=1024)
+        # Not autotuned, so under TRITON_INTERPRET=1 an InterpretedFunction, which torch 2.11's wrap_triton
+        # refuses even with wrapping off (2.14 passes it through); the interpreter cannot be traced anyway.
+        launch = _uniforms_kernel if INTERPRETING else wrap_triton(_uniforms_kernel)
+        launch[(triton.cdiv(batch, 1024),)](seed, uniforms, batch, BLOCK=1024)
     return torch.sort(uniforms, stable=True).indices[:kept].sort().values
 
 

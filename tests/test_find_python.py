@@ -53,3 +53,24 @@ def test_version_outside_range_is_refused(tmp_path):
     old.chmod(0o755)
     found = _find(tmp_path, python=str(old))
     assert found.returncode == 1 and f"tried: {old}" in found.stderr
+
+
+def test_an_installed_pyenv_version_that_is_not_selected_is_found_by_its_path(tmp_path):
+    """python3.12's shim fails (3.12 installed but not selected): pyenv's newest 3.12.x runs by path."""
+    root = tmp_path / "pyenv"
+    for version, works in (("3.12.1", False), ("3.12.4", True), ("3.11.7", True)):
+        binary = root / "versions" / version / "bin" / f"python{version[:4]}"
+        binary.parent.mkdir(parents=True)
+        binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n' if works else "#!/bin/sh\nexit 1\n")
+        binary.chmod(0o755)
+    pyenv = tmp_path / "tools" / "pyenv"
+    pyenv.parent.mkdir()
+    pyenv.write_text(f'#!/bin/sh\n[ "$1" = root ] && echo "{root}"\n')
+    pyenv.chmod(0o755)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3.12").write_text("#!/bin/sh\nexit 127\n")
+    (stubs / "python3.12").chmod(0o755)
+    env = {"PATH": f"{stubs}:{pyenv.parent}:/usr/bin:/bin", "PYTHON": "python3.12 python3.11"}
+    found = subprocess.run(["sh", str(SCRIPT)], capture_output=True, text=True, env=env)
+    assert (found.returncode, found.stdout.strip()) == (0, str(root / "versions" / "3.12.4" / "bin" / "python3.12"))

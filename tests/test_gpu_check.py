@@ -174,6 +174,33 @@ def test_a_failed_build_skips_the_phases_that_need_it(tmp_path, capsys):
     assert "compiler error" in capsys.readouterr().out  # each phase's tail reaches the device tool's output
 
 
+@pytest.mark.parametrize("torch_version, stops", [("2.10.1+cu130", True), ("2.11.0+cu130", False)])
+def test_the_environment_phase_stops_the_check_below_the_oldest_torch(tmp_path, monkeypatch, torch_version, stops):
+    """Its versions line printed; on a torch older than .ci/torch-oldest.txt's, the phase fails with
+    a message that says so and the build does not run."""
+    fake = tmp_path / "fake"
+    for name, text in (("torch", f"__version__ = {torch_version!r}\nclass version:\n    cuda = '13.0'\n"),
+                       ("triton", "__version__ = '3.6.0'\n")):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    environment = next(phase for phase in gpu_check.phases(tmp_path) if phase.name == "environment")
+    records = gpu_check.run([environment, _phase("build", "echo built")], tmp_path)
+    log = (tmp_path / gpu_check.LOG).read_text()
+    assert f"torch {torch_version} triton 3.6.0 cuda 13.0" in log
+    if stops:
+        assert records[0]["rc"] == 1 and records[1]["skipped"] == "the environment failed"
+        assert f"torch {torch_version} is older than the oldest supported, 2.11.0: the check stops here" in log
+    else:
+        assert records[0]["rc"] == 0 and records[1]["rc"] == 0
+
+
+def test_the_package_and_the_check_name_the_same_oldest_torch():
+    import stochdepth_kernels
+
+    assert stochdepth_kernels.OLDEST_TORCH == gpu_check.oldest_torch()[:2]
+
+
 def test_main_rejects_an_unknown_phase(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", "/nonexistent", "benchmarks"])

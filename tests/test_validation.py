@@ -2,6 +2,8 @@
 the argument and the value it got (the valid edge inputs and their documented results are in
 test_semantics.py)."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -310,3 +312,11 @@ def test_native_op_rejects_bad_arguments_directly():
                                                    "[6, 2]")):
         ops.drop_path_add_relu_backward(torch.randn(4, 6)[:, ::2], torch.zeros(4, dtype=torch.uint8), seed, p, True,
                                         "row", True, torch.float32, torch.float32)
+
+
+def test_import_below_the_oldest_torch_says_which_torch_it_found_and_needs():
+    code = "import torch; torch.__version__ = '2.10.1+cu130'; import stochdepth_kernels"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert ("ImportError: stochdepth_kernels needs torch >= 2.11 (tested with 2.11 to 2.14.1), found torch "
+            "2.10.1+cu130") in result.stderr
