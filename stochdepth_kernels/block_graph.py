@@ -534,7 +534,7 @@ def _parameters_of(owners: tuple[str, ...]) -> Callable:
         found = []
         for value in (operator.attrgetter(owner)(self) for owner in owners):
             if isinstance(value, nn.Module):
-                found += value.parameters()
+                found += list(value.parameters())  # Dynamo 2.11 cannot trace list += generator
             elif isinstance(value, nn.Parameter):
                 found.append(value)
         return found

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from stochdepth_kernels import _C
 from stochdepth_kernels.validation import MAX_SEED, check_choice, check_generator, check_seed
@@ -107,19 +107,17 @@ def record_then_replay_masks(fn: Callable) -> Callable:
     return run
 
 
-def _recompute_replaying_rng(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _drawn_once_per_forward(draw: Callable[[], Tensor]) -> Tensor:
-    """``draw()`` as torch.compile must run it: inside a selective-checkpoint region that marks it
-    for recomputation. That is what makes AOTAutograd's partitioner save the generator's state with
-    the forward and replay it wherever the backward recomputes the draw (its functionalize_rng_ops),
-    so the backward's seed is the forward's at every ``activation_memory_budget``. An unmarked draw
-    is recomputed from the generator's *current* state once the budget is below 1, and the backward
-    then uses other masks than the forward (silently wrong gradients; pytorch#190758)."""
-    policy = functools.partial(create_selective_checkpoint_contexts, _recompute_replaying_rng)
-    return checkpoint(draw, use_reentrant=False, context_fn=policy)
+    """``draw()`` as torch.compile must run it: inside an activation-checkpoint region, whose nodes
+    Dynamo tags for recomputation. That is what makes AOTAutograd's partitioner save the generator's
+    state with the forward and replay it wherever the backward recomputes the draw (its
+    functionalize_rng_ops), so the backward's seed is the forward's at every
+    ``activation_memory_budget``. An unmarked draw is recomputed from the generator's *current* state
+    once the budget is below 1, and the backward then uses other masks than the forward (silently
+    wrong gradients; pytorch#190758). A plain checkpoint, not a selective one: under torch.compile
+    both tag every node "prefer recompute" (torch 2.11 to 2.14), but a ``context_fn`` makes torch log
+    a warning about in-place ops into every compile of a model using this package."""
+    return checkpoint(draw, use_reentrant=False)
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None, *, for_backward: bool = False,
