@@ -10,7 +10,9 @@ import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import transformers
+    # A test dependency (requirements-dev.txt); the GPU machine has no registry to install it from,
+    # and a failed import would stop the GPU check's collection of the whole suite.
+    transformers = pytest.importorskip("transformers")
 
 from stochdepth_kernels import DropPathAdd
 from stochdepth_kernels.surgery import apply_drop_path
