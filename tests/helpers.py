@@ -130,3 +130,15 @@ def small_resnet(method: str = "sample") -> torch.nn.Module:
 def flat_parameters(model: torch.nn.Module) -> Tensor:
     """Every parameter of ``model``, detached, in one 1-d tensor."""
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def spy_on_drop_calls(monkeypatch) -> list[str]:
+    """The names of ``DropPathAdd.unary`` and ``DropPathAdd.add_branch`` calls, in order, from now on
+    (which path a rewritten block took: its fused tails, or its class's own forward with unary drops)."""
+    from stochdepth_kernels import DropPathAdd
+
+    calls = []
+    for name in ("unary", "add_branch"):
+        monkeypatch.setattr(DropPathAdd, name, lambda self, *args, _method=getattr(DropPathAdd, name), _name=name,
+                            **kwargs: calls.append(_name) or _method(self, *args, **kwargs))
+    return calls

@@ -9,6 +9,7 @@ import timm
 import torch
 import torchvision
 
+from helpers import spy_on_drop_calls
 import stochdepth_kernels
 from stochdepth_kernels import DropPath, DropPathAdd, DropRateWarmup, drop_path_rates
 from stochdepth_kernels.surgery import apply_drop_path, apply_stochastic_depth, register_block
@@ -321,10 +322,7 @@ def test_a_forward_with_kwargs_is_fused_and_runs_its_own_code_for_extra_argument
     assert report.levels == [("", "drop_path", 1)], str(report)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip([block(x), block(x, 0.5), block(x, gain=2.0)], expected))
-    calls = []
-    for name in ("unary", "add_branch"):
-        monkeypatch.setattr(DropPathAdd, name, lambda self, *a, _f=getattr(DropPathAdd, name), _n=name:
-                            calls.append(_n) or _f(self, *a))
+    calls = spy_on_drop_calls(monkeypatch)
     block.train()
     block(x, scale=0.5)
     assert calls == ["add_branch"]
