@@ -6,9 +6,11 @@ seed scope and agree with the "global" one; Composer's use_same_gpu_seed drops t
 every rank (True) or not (False)."""
 import copy
 import datetime
+import faulthandler
 import itertools
 import os
 import socket
+import sys
 import time
 from unittest import mock
 
@@ -96,8 +98,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _rank(rank, worker, port):
+    """Runs ``worker`` on one rank; a rank still running shortly before the deadline prints every
+    thread's stack (in the failure's captured output), so a hang says where it waits.
+
+    A rank that succeeded leaves at once (``os._exit(0)``), before Python frees what it holds: on
+    torch 2.11 the last reference to a ``ProcessGroupGloo`` (DDP's reducer holds one past
+    ``destroy_process_group``) joins the group's worker threads while holding the GIL, and a worker
+    still releasing a finished collective's tensors waits for the GIL: a deadlock, seen in every run of
+    the full suite on torch 2.11 here (never in this file alone, never on torch 2.14)."""
+    faulthandler.dump_traceback_later(TIMEOUT_S - 20, file=sys.stderr)
+    worker(rank, port)
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run_on_two_ranks(worker, what: str) -> None:
-    context = mp.start_processes(worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
+    context = mp.start_processes(_rank, args=(worker, _free_port()), nprocs=WORLD,
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):  # raises the worker's exception, with its traceback
         if time.monotonic() > deadline:
