@@ -411,10 +411,11 @@ def _rewrite(graph: fx.Graph, block: nn.Module, slots: set[str]) -> tuple[dict, 
                 fused = graph.call_function(fused_add, (graph.get_attr(attribute), value, residual, branch_first))
             else:
                 name = f"_stochdepth_branch{len(branches)}"
-                branches[name] = (_branch_graph(cut, value), _parameter_owners(cut))
+                owners = _parameter_owners(cut)
+                branches[name] = (_branch_graph(cut, value), owners)
                 fused = graph.call_function(run_tail, (graph.get_attr(attribute), graph.get_attr(name),
-                                                       graph.get_attr(f"{name}_parameters"), residual, branch_first,
-                                                       cut.per_sample, *cut.inputs))
+                                                       graph.get_attr(f"{name}_parameters"), owners, residual,
+                                                       branch_first, cut.per_sample, *cut.inputs))
         last.replace_all_uses_with(fused)
         for node in (relu, add, drop, *reversed(cut.nodes if cut else ())):
             if node is not None:
@@ -480,15 +481,16 @@ def fused_add(drop, y: Tensor, residual: Tensor, branch_first: bool) -> Tensor:
     return _block_add(drop, y, residual, branch_first) if _unmodified_eval(drop) else drop(y, residual)
 
 
-def run_tail(drop, branch: Callable, parameters: Callable, residual: Tensor, branch_first: bool,
-             per_sample: tuple[int, ...], *inputs) -> Tensor:
-    """``drop.add_branch`` for a cut-out branch ``branch(*inputs)`` (eval with timm's scaling: the
-    block's own add, as :func:`fused_add`): with the subset method, the inputs at ``per_sample``
-    whose first dimension is the residual's batch are given as kept rows, the others as they are."""
+def run_tail(drop, branch: Callable, parameters: Callable, owners: tuple[str, ...], residual: Tensor,
+             branch_first: bool, per_sample: tuple[int, ...], *inputs) -> Tensor:
+    """``drop.add_branch`` for a cut-out branch ``branch(*inputs)``, a method of the block that runs
+    the block's attributes ``owners`` (eval with timm's scaling: the block's own add, as
+    :func:`fused_add`): with the subset method, the inputs at ``per_sample`` whose first dimension is
+    the residual's batch are given as kept rows, the others as they are."""
     if _unmodified_eval(drop):
         return _block_add(drop, branch(*inputs), residual, branch_first)
     if drop.mode != "subset":
-        return drop.add_branch(branch, residual, parameters, inputs)
+        return drop.add_branch(branch, residual, parameters, inputs, module=branch.__self__, submodules=owners)
     batch = residual.shape[0]
     rows = [i for i in per_sample if isinstance(inputs[i], Tensor) and inputs[i].dim() > 0
             and inputs[i].shape[0] == batch]

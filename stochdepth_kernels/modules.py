@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from stochdepth_kernels import validation
 from stochdepth_kernels.functional import drop_path, fused_drop_path_add
 from stochdepth_kernels.ops import records_graph
-from stochdepth_kernels.reference import philox_uniform
+from stochdepth_kernels.branch_skip import (add_kept_branch, branch_or_skip_in_graph, graph_can_skip, keeps_branch,
+                                           running_statistics)
 from stochdepth_kernels.seeding import draw_seed
 from stochdepth_kernels.subset import backward_may_follow, drop_path_add_subset, effective_drop_rate, subset_size
 from stochdepth_kernels.tracing import capturing, fx_leaf
@@ -30,6 +31,9 @@ class _HasDropProbability(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.register_buffer("p", torch.zeros((), dtype=torch.float64), persistent=False)
+        # The rate on the host whatever the module's device, for a compiled batch coin (a CPU draw):
+        # a plain attribute, so that moving the module leaves it on the CPU.
+        self.p_on_host = torch.zeros((), dtype=torch.float64)
         self.drop_prob = p
 
     @property
@@ -41,6 +45,7 @@ class _HasDropProbability(nn.Module):
         self._drop_prob = validation.check_probability(value, "drop_prob")
         with torch.no_grad():
             self.p.fill_(self._drop_prob)
+            self.p_on_host.fill_(self._drop_prob)
 
     def _rate_and_seed(self, x: Tensor, *inputs: Tensor) -> tuple:
         """``(p, seed)`` for the op on ``x`` (``inputs``: the op's tensors). ``p`` is the buffer,
@@ -157,29 +162,41 @@ class DropPathAdd(_HasDropProbability):
         return effective_drop_rate(batch, self.drop_prob) if self.mode == "subset" else self.drop_prob
 
     def add_branch(self, branch: Callable[..., Tensor], residual: Tensor,
-                   parameters: Callable[[], Iterable[nn.Parameter]], inputs: tuple[Tensor, ...] = ()) -> Tensor:
+                   parameters: Callable[[], Iterable[nn.Parameter]], inputs: tuple[Tensor, ...] = (),
+                   module: nn.Module | None = None, submodules: tuple[str, ...] | None = None) -> Tensor:
         """``forward(branch(*inputs), residual)``, skipping ``branch``'s compute (its weights are
         ``parameters()``) for dropped samples. ``inputs``: the branch's per-sample tensors (batch
         dimension first), which ``mode="subset"`` needs: the branch then gets their kept rows.
-        In batch mode under torch.compile or torch.fx the branch always runs (a data-dependent skip
-        would break the graph, or be frozen into it) and the fused op drops it, drawing its coin from
-        the device's generator: the same masks as eager on the CPU, the same distribution on
-        accelerators. The subset method keeps its fixed shapes under both."""
+        ``module``: the module whose layers the branch runs, and ``submodules`` the names of those
+        layers in it (None: all of ``module``): a compiled batch-mode skip hands their running
+        statistics (BatchNorm's, updated in place) through its condition (``module`` None: none).
+        In batch mode the coin comes from the CPU generator, eager and under torch.compile (where
+        the skip is a ``torch.cond`` in the graph: :mod:`~stochdepth_kernels.branch_skip`); under
+        torch.fx the branch always runs and the fused op drops it by a coin from the device's
+        generator (the same masks on the CPU). The subset method keeps its fixed shapes under both."""
         if self.mode == "subset":
             if not inputs:
                 raise ValueError("mode='subset' runs the branch on the kept samples: add_branch needs the branch's "
                                  "per-sample inputs (inputs=(x,)) and a branch that takes them")
             return self._subset(branch, inputs, residual, parameters)
-        if self.mode != "batch" or not self.training or capturing() or self._drop_prob == 0.0:
+        if self.mode != "batch" or not self.training:
             return self(branch(*inputs), residual)
+        compiled_skip = torch.compiler.is_compiling() and graph_can_skip()
+        if capturing() and not compiled_skip:
+            return self(branch(*inputs), residual)
+        relu = self.activation == "relu"
+        seed = draw_seed(torch.device("cpu"), scope=self.seed_scope,
+                         for_backward=compiled_skip and backward_may_follow(
+                             residual, tuple(t for t in inputs if isinstance(t, Tensor)), parameters()))
+        if compiled_skip:
+            keep = 1.0 - self.p_on_host
+            scale = 1.0 / keep if self.scale_by_keep else torch.ones_like(keep)
+            return branch_or_skip_in_graph(keeps_branch(seed, keep.float()), branch, tuple(inputs), residual, scale,
+                                           relu, module, running_statistics(module, submodules))
         keep = 1.0 - self._drop_prob
-        seed = draw_seed(torch.device("cpu"), scope=self.seed_scope)
-        if bool(philox_uniform(seed, torch.zeros(1, dtype=torch.int64)) < torch.tensor(keep, dtype=torch.float32)):
-            x = branch(*inputs)
-            validation.check_pair(x, residual)  # as the fused op would: no broadcasting
+        if self._drop_prob == 0.0 or bool(keeps_branch(seed, torch.tensor(keep, dtype=torch.float32))):
             # The factor is known on the host: no seed goes to the device.
-            out = torch.add(residual, x, alpha=1.0 / keep if self.scale_by_keep else 1.0)
-            return out.relu_() if self.activation == "relu" else out
+            return add_kept_branch(branch(*inputs), residual, 1.0 / keep if self.scale_by_keep else 1.0, relu)
         return self._skipped(residual, parameters)
 
     def _skipped(self, residual: Tensor, parameters: Callable[[], Iterable[nn.Parameter]]) -> Tensor:
@@ -236,7 +253,7 @@ class StochasticDepth(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
-        return self.drop.add_branch(self.branch, identity, self.branch.parameters, (x,))
+        return self.drop.add_branch(self.branch, identity, self.branch.parameters, (x,), self.branch)
 
     def extra_repr(self) -> str:
         return f"p={round(self.drop_prob, 3):0.3f}, mode={self.drop.mode!r}"

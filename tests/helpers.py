@@ -29,14 +29,16 @@ def random_tensor(shape, dtype=torch.float32, layout="contiguous", device="cpu",
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    """One rounding of the output dtype: a fused multiply-add may round once where the reference
-    rounds twice, which can move the result across one rounding boundary of ``dtype``."""
+def tolerance(dtype: torch.dtype, roundings: int = 1) -> dict:
+    """``roundings`` roundings of the output dtype (one by default: a fused multiply-add may round
+    once where the reference rounds twice, which can move the result across one rounding boundary of
+    ``dtype``)."""
     eps = torch.finfo(dtype).eps
-    return {"rtol": eps, "atol": 4 * eps}
+    return {"rtol": roundings * eps, "atol": 4 * roundings * eps}
 
 
-def assert_matches(actual: Tensor, expected: Tensor, name: str = "output", *, exact: bool = False) -> None:
+def assert_matches(actual: Tensor, expected: Tensor, name: str = "output", *, exact: bool = False,
+                   roundings: int = 1) -> None:
     """``actual`` equals ``expected`` (bit for bit if ``exact``, else within :func:`tolerance`), with
     the same shape, dtype and NaN/Inf positions. A failure reports how many elements differ, the
     first indices and values, and where NaN/Inf appear on one side only."""
@@ -53,14 +55,14 @@ def assert_matches(actual: Tensor, expected: Tensor, name: str = "output", *, ex
     if exact:
         close = a == e
     else:
-        tol = tolerance(actual.dtype)
+        tol = tolerance(actual.dtype, roundings)
         close = (a - e).abs() <= tol["atol"] + tol["rtol"] * e.abs()
     bad = finite & ~close
     if bad.any():
         where = bad.nonzero()[:5]
         pairs = [(tuple(i.tolist()), a[tuple(i)].item(), e[tuple(i)].item()) for i in where]
         problems.append(f"{int(bad.sum())}/{a.numel()} elements differ "
-                        f"({'exactly' if exact else tolerance(actual.dtype)}); first (index, actual, expected): {pairs}")
+                        f"({'exactly' if exact else tolerance(actual.dtype, roundings)}); first (index, actual, expected): {pairs}")
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
@@ -142,3 +144,20 @@ def spy_on_drop_calls(monkeypatch) -> list[str]:
         monkeypatch.setattr(DropPathAdd, name, lambda self, *args, _method=getattr(DropPathAdd, name), _name=name,
                             **kwargs: calls.append(_name) or _method(self, *args, **kwargs))
     return calls
+
+
+class GraphRecorder:
+    """A torch.compile backend (AOT autograd, no code generation) that keeps the graphs it gets."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    def conds(self) -> int:
+        """How many ``torch.cond`` the graphs hold."""
+        return sum(node.target is torch.ops.higher_order.cond for graph in self.graphs for node in graph.graph.nodes)

@@ -7,6 +7,7 @@ every rank (True) or not (False)."""
 import copy
 import datetime
 import faulthandler
+import functools
 import itertools
 import os
 import socket
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from helpers import flat_parameters, small_resnet
+from helpers import GraphRecorder, flat_parameters, small_resnet
 from stochdepth_kernels import drop_path, set_seed_scope
 
 WORLD = 2
@@ -168,7 +169,9 @@ def _step_reference(model, optimizer, batch, seed: int) -> None:
     optimizer.step()
 
 
-def _fsdp(rank, port):
+def _fsdp(rank, port, compiled=False):
+    """Eager: every method. ``compiled``: the block method, each block's forward compiled (fullgraph;
+    FSDP2's hooks run around it), so that a dropped block skips its branch inside the graph."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -176,8 +179,10 @@ def _fsdp(rank, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (WORLD,))
+    recorder = GraphRecorder()
     try:
-        for name, method, scope in itertools.product(("resnet", "vit"), ("sample", "block", "subset"),
+        for name, method, scope in itertools.product(("resnet", "vit"),
+                                                     ("block",) if compiled else ("sample", "block", "subset"),
                                                      ("rank", "global")):
             if (name, method) == ("resnet", "subset"):
                 continue  # 1 of 2 samples kept: BatchNorm would see one value per channel at 1x1 (layer4)
@@ -186,6 +191,8 @@ def _fsdp(rank, port):
             reference = copy.deepcopy(model)
             for block in _blocks(model):
                 fully_shard(block, mesh=mesh)
+                if compiled:
+                    block.forward = torch.compile(block.forward, fullgraph=True, backend=recorder)
             fully_shard(model, mesh=mesh)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
@@ -199,6 +206,7 @@ def _fsdp(rank, port):
                 for (key, sharded), expected in zip(model.named_parameters(), reference.parameters()):
                     torch.testing.assert_close(sharded.full_tensor(), expected, rtol=1e-4, atol=1e-6,
                                                msg=lambda m: f"{name} {method} {scope} step {step} {key}: {m}")
+        assert recorder.conds() > 0 or not compiled, "no compiled block held a torch.cond"
     finally:
         set_seed_scope("rank")
         dist.destroy_process_group()
@@ -210,4 +218,12 @@ def test_fsdp2_trains_like_one_process_with_the_same_batch_and_masks():
     method (the subset method on the ViT), both seed scopes (per-rank masks: ranks drop different blocks); after every step the
     parameters equal one process running both ranks' halves with their masks."""
     _run_on_two_ranks(_fsdp, "FSDP2 training")
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_compiled_blocks_like_one_eager_process():
+    """The block method with each block compiled: a dropped block's ``torch.cond`` skips its branch
+    on one rank and not on the other (per-rank masks), and the parameters still equal one eager
+    process's after every step."""
+    _run_on_two_ranks(functools.partial(_fsdp, compiled=True), "FSDP2 training, compiled blocks")
 

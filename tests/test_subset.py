@@ -110,7 +110,8 @@ def test_subset_add_and_gradients_match_reference(kernel, dtype, layout, p, trai
     if p == 1.0 and training:  # the branch did not run
         assert gh is None and eh is None and gw is None and ew is None
         return
-    assert_matches(gh, eh, "grad_h")
+    # Truncated, the gradient reaching the branch may be 1 ulp off; times w, then rounded: 2 ulp.
+    assert_matches(gh, eh, "grad_h", roundings=2 if interpreter_truncates(kernel, dtype) else 1)
     if not interpreter_truncates(kernel, dtype):
         assert_matches(gw, ew, "grad_w")
 
