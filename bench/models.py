@@ -27,14 +27,24 @@ subset method ``1 - k/B``). That comparison uses the mean over rounds of each ro
 against none's in the same round (bench/timing.py ``paired_change``, with its 95 % interval: a shared
 machine drifts by more than the savings measured; block-wise step times vary with the coins too);
 the table shows medians, means and minimums too.
+
+``--compile``: every model compiled with ``torch.compile`` (inductor; the optimizer step stays eager),
+timed the same way against compiled none, with inductor's layout optimization off for every variant
+(it breaks the ``torch.cond`` that the block-wise skip compiles to in convolutional models:
+docs/training.md). Each candidate's first step, compilation included, is
+timed apart before the rounds and reported as its compile time (the first step less the median
+step).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 from pathlib import Path
 
 import timm
 import torch
+import torch._inductor.config
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import run_and_write
@@ -96,6 +106,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--samples", type=int, default=None, help="steps timed per candidate (default 15)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile every model (torch.compile, inductor, layout optimization off); compile times "
+                             "reported apart")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for the results")
     return parser.parse_args(argv)
 
@@ -140,22 +153,35 @@ def expected_skipped_fraction(model, x, batch: int) -> float:
     return skipped / total
 
 
-def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT_VARIANTS) -> dict:
+def _first_step_seconds(step, device: torch.device) -> float:
+    """Wall time of ``step``'s first call (a compiled model compiles in it), the device synchronised."""
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT_VARIANTS,
+                compiled: bool = False) -> dict:
     """The variants' training steps side by side on the batch ``x`` (ONE_LESS on all of it but its first
-    sample; ``variants``: names; NONE is added if missing)."""
+    sample; ``variants``: names; NONE is added if missing); ``compiled``: each model under torch.compile."""
     chosen = [NONE, *(name for name in variants if name != NONE)]
     models = {name: build(model_name, x.shape[-1], x.device, name) for name in chosen}
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        forward = torch.compile(model) if compiled else model
 
-        def step(model=model, optimizer=optimizer, batch=x[1:] if name == ONE_LESS else x):
+        def step(forward=forward, optimizer=optimizer, batch=x[1:] if name == ONE_LESS else x):
             optimizer.zero_grad(set_to_none=True)
-            model(batch).square().mean().backward()
+            forward(batch).square().mean().backward()
             optimizer.step()
 
         steps[name] = step
-    timings = measure_side_by_side(steps, x.device, warmup=2, samples=samples, min_calls=1)
+    with torch._inductor.config.patch(layout_optimization=False) if compiled else contextlib.nullcontext():
+        first_step_s = {name: _first_step_seconds(step, x.device) for name, step in steps.items()} if compiled else {}
+        timings = measure_side_by_side(steps, x.device, warmup=2, samples=samples, min_calls=1)
     # FLOPs counted on 2 samples (BatchNorm trains on 2 or more; FLOPs scale with the batch).
     skipping = {name: SKIPPING[name] for name in chosen if name in SKIPPING}
     fractions = {source: expected_skipped_fraction(build(model_name, x.shape[-1], x.device, source), x[:2],
@@ -169,6 +195,9 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT
                "change_vs_none": t.median_s / none.median_s - 1, "mean_change_vs_none": t.mean_s / none.mean_s - 1,
                "paired_change_vs_none": paired, "paired_change_ci95": paired_ci,
                "rounds_ms": [sample * 1e3 for sample in t.rounds_s]}
+        if name in first_step_s:
+            row["first_step_s"] = first_step_s[name]
+            row["compile_s"] = first_step_s[name] - t.median_s
         if name in skipping:
             fraction = fractions[skipping[name]]
             row["expected_skipped_flops_fraction"] = fraction
@@ -188,9 +217,9 @@ def run(args) -> dict:
     x = torch.randn(batch, 3, size, size, device=device)
     labels = args.model or DEFAULT_MODELS[device.type]
     variants = [BY_ID[identifier] for identifier in args.variant] if args.variant else DEFAULT_VARIANTS
-    results = {label: bench_model(MODELS[label], x, samples, variants) for label in labels}
+    results = {label: bench_model(MODELS[label], x, samples, variants, args.compile) for label in labels}
     return {"benchmark": "models", **environment(device, args.command), "batch": batch, "image_size": size,
-            "samples": samples, "models": results}
+            "samples": samples, "compiled": args.compile, "models": results}
 
 
 def markdown(result: dict) -> str:
@@ -198,18 +227,23 @@ def markdown(result: dict) -> str:
              + (f", {result['threads']} threads" if result["device_type"] == "cpu" else "")
              + f"; torch {result['torch']}; {result['date']}",
              f"`{result['command']}`; timm models, batch {result['batch']}, {result['image_size']}px, SGD; "
-             f"{result['samples']} steps per candidate"]
+             f"{result['samples']} steps per candidate"
+             + ("; every model compiled (torch.compile, inductor, layout optimization off); compile time = "
+                "first step - median step"
+                if result.get("compiled") else "")]
+    compile_column = result.get("compiled", False)
     for label, model in result["models"].items():
         lines += ["", f"{label}:", "", "| stochastic depth | median ms | vs none | mean ms | vs none | min ms | "
-                  "paired vs none (95 % CI) | expected FLOPs skipped | saving / expected (95 % CI) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "paired vs none (95 % CI) | expected FLOPs skipped | saving / expected (95 % CI) |"
+                  + (" compile s |" if compile_column else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if compile_column else "")]
         for row in model["rows"]:
             skipped = (f"{100 * row['expected_skipped_flops_fraction']:.1f}% | {100 * row['saving_vs_expected']:.0f}% "
                        f"± {100 * row['saving_vs_expected_ci95']:.0f}" if "saving_vs_expected" in row else " | ")
             lines.append(f"| {row['name']} | {row['median_ms']:.1f} | {100 * row['change_vs_none']:+.1f}% | "
                          f"{row['mean_ms']:.1f} | {100 * row['mean_change_vs_none']:+.1f}% | {row['min_ms']:.1f} | "
                          f"{100 * row['paired_change_vs_none']:+.1f}% ± {100 * row['paired_change_ci95']:.1f} | "
-                         f"{skipped} |")
+                         f"{skipped} |" + (f" {row['compile_s']:.1f} |" if compile_column else ""))
         if "sample_vs_timm" in model:
             change, interval = model["sample_vs_timm"]
             lines += ["", f"{SAMPLE} against {TIMM}, paired by round: {100 * change:+.1f}% ± {100 * interval:.1f}"]

@@ -49,10 +49,12 @@ def keeps_branch(seed: Tensor, keep: Tensor) -> Tensor:
 
 
 def add_kept_branch(x: Tensor, residual: Tensor, scale, relu: bool) -> Tensor:
-    """``act(residual + scale * x)`` for a kept branch's output ``x`` (``scale`` a float, or a 0-d
-    tensor in a graph); checked as the fused op checks (no broadcasting)."""
+    """``act(residual + scale * x)`` for a kept branch's output ``x``, checked as the fused op checks
+    (no broadcasting). ``scale`` a float (eager), or a 0-d tensor in a graph: the sum then has the
+    residual's dtype and exactly the strides of a clone of it, the skipped side's (``torch.cond``
+    compares the two sides' strides, size-1 dimensions included)."""
     validation.check_pair(x, residual)
-    out = residual + x * scale if isinstance(scale, Tensor) else torch.add(residual, x, alpha=scale)
+    out = residual.clone().add_(x * scale) if isinstance(scale, Tensor) else torch.add(residual, x, alpha=scale)
     return out.relu_() if relu else out
 
 
@@ -120,7 +122,7 @@ def branch_or_skip_in_graph(keeps: Tensor, branch: Callable[..., Tensor], inputs
         fresh = {name: value.to(buffer.dtype, copy=True) for name, value, buffer in zip(names, state, buffers)}
         with _reparametrize_module(module, fresh) if fresh else contextlib.nullcontext():
             x = branch(*with_tensors(tensors))
-        out = add_kept_branch(x, residual, scale, relu).to(residual.dtype)
+        out = add_kept_branch(x, residual, scale, relu)
         return (out, *(value.to(carry.dtype) for value, carry in zip(fresh.values(), state)))
 
     def skipped(residual: Tensor, *operands: Tensor) -> tuple[Tensor, ...]:

@@ -91,6 +91,29 @@ def test_controls_run_only_when_named():
     assert not any("expected_skipped_flops_fraction" in row for row in result["rows"])
 
 
+def test_compiled_steps_report_their_compile_time_apart(monkeypatch):
+    """``--compile``: every candidate compiled (here AOT autograd without code generation, for speed),
+    its first step timed before the rounds; the table gains the compile column."""
+    compiled = []
+
+    def compile_eagerly(model, real_compile=torch.compile):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    assert models.parse_args(["--compile"]).compile and not models.parse_args([]).compile
+    torch._dynamo.reset()
+    result = models.bench_model("resnet18", torch.randn(2, 3, 32, 32), 2, (models.BLOCK,), compiled=True)
+    assert len(compiled) == 2
+    for row in result["rows"]:
+        assert row["first_step_s"] > row["median_ms"] / 1e3 and row["compile_s"] == pytest.approx(
+            row["first_step_s"] - row["median_ms"] / 1e3)
+    table = models.markdown({"device": "cpu", "device_type": "cpu", "threads": 2, "torch": "2.x", "date": "today",
+                             "command": "python -m bench.models --compile", "batch": 2, "image_size": 32,
+                             "samples": 2, "compiled": True, "models": {"ResNet-18": result}})
+    assert "compile s |" in table and "torch.compile, inductor" in table
+
+
 def test_markdown_reports_each_model_row_and_the_skipping_savings():
     rows = [{"name": models.NONE, "median_ms": 100.0, "mean_ms": 101.0, "min_ms": 99.0, "change_vs_none": 0.0,
              "mean_change_vs_none": 0.0, "paired_change_vs_none": 0.0, "paired_change_ci95": 0.0},

@@ -124,3 +124,38 @@ def test_changing_the_rate_does_not_recompile_and_rate_one_always_skips():
         model.drop_prob = 0.0
         compiled(x)
         assert model.branch[1].num_batches_tracked.item() == 2
+
+
+def _inductor_steps_match_eager(model: nn.Module, x: torch.Tensor, seeds=range(3)) -> None:
+    """Inductor (code generation) against eager for each seed: output and input gradient up to float
+    rounding, every parameter's gradient zero in one exactly where it is zero in the other."""
+    compiled_model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for seed in seeds:
+        with torch._dynamo.config.patch(error_on_recompile=seed != seeds[0]):
+            got = _step(compiled_model, compiled, x, seed)
+        want = _step(model, model, x, seed)
+        torch.testing.assert_close(got["out"], want["out"], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(got["grads"][0], want["grads"][0], rtol=1e-3, atol=1e-3)
+        for g, w in zip(got["grads"][1:], want["grads"][1:]):
+            assert bool(g.any()) == bool(w.any())
+
+
+def test_inductor_resnet_with_layout_optimization_off():
+    """A convolutional model under inductor, as docs/training.md says to compile it."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(layout_optimization=False):
+        _inductor_steps_match_eager(small_resnet("block"), random_tensor((4, 3, 64, 64)))
+
+
+def test_inductor_vit_with_the_default_configuration():
+    import timm
+
+    from stochdepth_kernels import apply_drop_path
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4)
+    apply_drop_path(model, 0.5, stochastic_method="block", drop_distribution="uniform")
+    _inductor_steps_match_eager(model.train(), random_tensor((4, 3, 32, 32)))
