@@ -66,7 +66,7 @@ def _train(rank, port):
             assert torch.equal(ranks[0], ranks[1]) == use_same_gpu_seed, f"use_same_gpu_seed={use_same_gpu_seed}"
     finally:
         set_seed_scope("rank")
-        dist.destroy_process_group()
+        _leave_process_group()
 
 
 def _composer_block_drops(use_same_gpu_seed: bool) -> torch.Tensor:
@@ -99,15 +99,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# Each rank's process groups, referenced until the rank leaves (see _leave_process_group).
+_GROUPS_UNTIL_EXIT = []
+
+
+def _leave_process_group() -> None:
+    """``destroy_process_group``, the group object kept referenced until the rank's ``os._exit``.
+
+    On torch 2.11 freeing the last reference to a ``ProcessGroupGloo`` (DDP's reducer holds one past
+    ``destroy_process_group``, and dies with the worker's locals) joins the group's worker threads
+    while holding the GIL, and a worker still releasing a finished collective's tensors waits for the
+    GIL: a deadlock, seen in runs of the full suite on torch 2.11 here (never in this file alone,
+    never on torch 2.14)."""
+    _GROUPS_UNTIL_EXIT.append(dist.group.WORLD)
+    dist.destroy_process_group()
+
+
 def _rank(rank, worker, port):
     """Runs ``worker`` on one rank; a rank still running shortly before the deadline prints every
-    thread's stack (in the failure's captured output), so a hang says where it waits.
-
-    A rank that succeeded leaves at once (``os._exit(0)``), before Python frees what it holds: on
-    torch 2.11 the last reference to a ``ProcessGroupGloo`` (DDP's reducer holds one past
-    ``destroy_process_group``) joins the group's worker threads while holding the GIL, and a worker
-    still releasing a finished collective's tensors waits for the GIL: a deadlock, seen in every run of
-    the full suite on torch 2.11 here (never in this file alone, never on torch 2.14)."""
+    thread's stack (in the failure's captured output), so a hang says where it waits. A rank that
+    succeeded leaves at once (``os._exit(0)``), before Python frees its process groups."""
     faulthandler.dump_traceback_later(TIMEOUT_S - 20, file=sys.stderr)
     worker(rank, port)
     faulthandler.cancel_dump_traceback_later()
@@ -209,7 +220,7 @@ def _fsdp(rank, port, compiled=False):
         assert recorder.conds() > 0 or not compiled, "no compiled block held a torch.cond"
     finally:
         set_seed_scope("rank")
-        dist.destroy_process_group()
+        _leave_process_group()
 
 
 @pytest.mark.slow
