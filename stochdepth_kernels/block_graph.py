@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from stochdepth_kernels.branch_skip import arguments_with
 from stochdepth_kernels.named_forward import traceable_class, with_extra_arguments
 
 __all__ = ["DROP_SLOT_NAME", "Tail", "Untraceable", "drop_module_types", "is_drop_module", "register_drop_function",
@@ -498,10 +499,7 @@ def run_tail(drop, branch: Callable, parameters: Callable, owners: tuple[str, ..
         return drop(branch(*inputs), residual)
 
     def on_kept_rows(*kept: Tensor) -> Tensor:
-        arguments = list(inputs)
-        for index, value in zip(rows, kept):
-            arguments[index] = value
-        return branch(*arguments)
+        return branch(*arguments_with(inputs, rows, kept))
 
     return drop.add_branch(on_kept_rows, residual, parameters, tuple(inputs[i] for i in rows))
 

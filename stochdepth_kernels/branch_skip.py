@@ -20,7 +20,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from stochdepth_kernels import validation
 from stochdepth_kernels.reference import philox_uniform
 
-__all__ = ["add_kept_branch", "branch_or_skip_in_graph", "graph_can_skip", "keeps_branch", "running_statistics"]
+__all__ = ["add_kept_branch", "arguments_with", "branch_or_skip_in_graph", "graph_can_skip", "keeps_branch", "running_statistics"]
 
 
 @torch.compiler.assume_constant_result  # run while Dynamo traces: it reads the tracer's state
@@ -85,6 +85,14 @@ def running_statistics(module: nn.Module | None, submodules: tuple[str, ...] | N
     return found
 
 
+def arguments_with(inputs: tuple, indices, values) -> list:
+    """``inputs`` as a list, with ``values`` in place of the inputs at ``indices``."""
+    arguments = list(inputs)
+    for index, value in zip(indices, values):
+        arguments[index] = value
+    return arguments
+
+
 def _skipped(residual: Tensor, relu: bool) -> Tensor:
     """``act(residual)`` as a new tensor (never a view of the block's input, which FSDP2 refuses)."""
     return torch.relu(residual) if relu else residual.clone()
@@ -111,17 +119,11 @@ def branch_or_skip_in_graph(keeps: Tensor, branch: Callable[..., Tensor], inputs
                     for b in buffers)
     tensor_at = [i for i, value in enumerate(inputs) if isinstance(value, Tensor)]
 
-    def with_tensors(tensors: tuple) -> list:
-        arguments = list(inputs)  # non-tensor inputs stay constants of the graph
-        for index, value in zip(tensor_at, tensors):
-            arguments[index] = value
-        return arguments
-
     def kept(residual: Tensor, *operands: Tensor) -> tuple[Tensor, ...]:
         tensors, state = operands[:len(tensor_at)], operands[len(tensor_at):]
         fresh = {name: value.to(buffer.dtype, copy=True) for name, value, buffer in zip(names, state, buffers)}
         with _reparametrize_module(module, fresh) if fresh else contextlib.nullcontext():
-            x = branch(*with_tensors(tensors))
+            x = branch(*arguments_with(inputs, tensor_at, tensors))  # non-tensor inputs stay constants
         out = add_kept_branch(x, residual, scale, relu)
         return (out, *(value.to(carry.dtype) for value, carry in zip(fresh.values(), state)))
 
