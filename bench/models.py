@@ -33,12 +33,15 @@ timed the same way against compiled none, with inductor's layout optimization of
 (it breaks the ``torch.cond`` that the block-wise skip compiles to in convolutional models:
 docs/training.md). Each candidate's first step, compilation included, is
 timed apart before the rounds and reported as its compile time (the first step less the median
-step).
+step), from an empty inductor cache (a temporary directory, unless ``TORCHINDUCTOR_CACHE_DIR`` is
+set): a warm cache from an earlier run made the compile times of 2026-12-06's first run 1 to 15 s.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,6 +212,21 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT
     return result
 
 
+@contextlib.contextmanager
+def cold_inductor_cache():
+    """A fresh, empty inductor cache directory for the block (unless ``TORCHINDUCTOR_CACHE_DIR`` is
+    set), so that compile times are a first compile's, not a cache hit of an earlier run's."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     batch, size = QUICK_BATCH if args.quick else DEFAULT_BATCH[device.type]
@@ -217,7 +235,8 @@ def run(args) -> dict:
     x = torch.randn(batch, 3, size, size, device=device)
     labels = args.model or DEFAULT_MODELS[device.type]
     variants = [BY_ID[identifier] for identifier in args.variant] if args.variant else DEFAULT_VARIANTS
-    results = {label: bench_model(MODELS[label], x, samples, variants, args.compile) for label in labels}
+    with cold_inductor_cache() if args.compile else contextlib.nullcontext():
+        results = {label: bench_model(MODELS[label], x, samples, variants, args.compile) for label in labels}
     return {"benchmark": "models", **environment(device, args.command), "batch": batch, "image_size": size,
             "samples": samples, "compiled": args.compile, "models": results}
 

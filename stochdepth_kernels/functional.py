@@ -32,7 +32,7 @@ def _prepare_call(x: Tensor, p, training, mode, scale_by_keep, generator, seed, 
     validation.check_choice(mode, "mode", validation.MODES)
     validation.check_bool(training, "training")
     validation.check_bool(scale_by_keep, "scale_by_keep")
-    impl = resolve_backend(backend, x.device, size_bytes)
+    impl = resolve_backend(backend, x.device, size_bytes, elementwise=True)
     return p_tensor, impl, call_seed(training, validation.is_zero(p), seed, generator, x.device, differentiable)
 
 

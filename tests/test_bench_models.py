@@ -1,6 +1,7 @@
 """The training-step benchmark's own logic (no timing): the expected share of skipped FLOPs, the
 variants, the DINOv2-style anchor and the table."""
 import math
+import os
 import statistics
 
 import pytest
@@ -174,3 +175,14 @@ def test_paired_change_compares_each_round_with_the_base_of_that_round():
     change, interval = paired_change(noisy, base)
     assert change == pytest.approx((0.1 - 0.1 + 0.1) / 3)
     assert interval == pytest.approx(1.96 * statistics.stdev([0.1, -0.1, 0.1]) / math.sqrt(3))
+
+
+def test_compile_times_come_from_an_empty_inductor_cache(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with models.cold_inductor_cache():
+        directory = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        assert os.path.isdir(directory) and not os.listdir(directory)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(directory)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen/by/the/user")
+    with models.cold_inductor_cache():
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen/by/the/user"
