@@ -20,7 +20,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from stochdepth_kernels import validation
 from stochdepth_kernels.reference import philox_uniform
 
-__all__ = ["add_kept_branch", "arguments_with", "branch_or_skip_in_graph", "graph_can_skip", "keeps_branch", "running_statistics"]
+__all__ = ["add_kept_branch", "arguments_with", "branch_draws_random", "branch_or_skip_in_graph", "graph_can_skip", "keeps_branch", "running_statistics"]
 
 
 @torch.compiler.assume_constant_result  # run while Dynamo traces: it reads the tracer's state
@@ -56,6 +56,28 @@ def add_kept_branch(x: Tensor, residual: Tensor, scale, relu: bool) -> Tensor:
     validation.check_pair(x, residual)
     out = residual.clone().add_(x * scale) if isinstance(scale, Tensor) else torch.add(residual, x, alpha=scale)
     return out.relu_() if relu else out
+
+
+def _draws_random(module: nn.Module) -> bool:
+    """Whether ``module`` draws random numbers when it runs: a training dropout (or DropBlock) with a
+    positive rate."""
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    rate = getattr(module, "drop_prob", None)
+    return type(module).__name__.startswith("DropBlock") and isinstance(rate, (int, float)) and rate > 0
+
+
+def branch_draws_random(module: nn.Module | None, submodules: tuple[str, ...] | None) -> bool:
+    """Whether the branch's layers (``module``'s attributes ``submodules``, None: all of it) hold a
+    module that draws random numbers. ``torch.cond``'s backward reruns the kept branch's forward,
+    which would draw them anew: the gradient would follow other dropout masks than the forward's. A
+    branch that draws them outside such a module (``F.dropout`` in a forward) is not seen."""
+    if module is None:
+        return False
+    owners = [operator.attrgetter(owner)(module) for owner in submodules] if submodules is not None else [module]
+    return any(_draws_random(layer) for owner in owners if isinstance(owner, nn.Module) for layer in owner.modules())
 
 
 def _is_running_statistic(name: str) -> bool:

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from stochdepth_kernels import validation
 from stochdepth_kernels.functional import drop_path, fused_drop_path_add
 from stochdepth_kernels.ops import records_graph
-from stochdepth_kernels.branch_skip import (add_kept_branch, branch_or_skip_in_graph, graph_can_skip, keeps_branch,
-                                           running_statistics)
+from stochdepth_kernels.branch_skip import (add_kept_branch, branch_draws_random, branch_or_skip_in_graph,
+                                           graph_can_skip, keeps_branch, running_statistics)
 from stochdepth_kernels.seeding import draw_seed
 from stochdepth_kernels.subset import backward_may_follow, drop_path_add_subset, effective_drop_rate, subset_size
 from stochdepth_kernels.tracing import capturing, fx_leaf
@@ -173,7 +173,9 @@ class DropPathAdd(_HasDropProbability):
         In batch mode the coin comes from the CPU generator, eager and under torch.compile (where
         the skip is a ``torch.cond`` in the graph: :mod:`~stochdepth_kernels.branch_skip`); under
         torch.fx the branch always runs and the fused op drops it by a coin from the device's
-        generator (the same masks on the CPU). The subset method keeps its fixed shapes under both."""
+        generator (the same masks on the CPU), and so it does compiled where the branch's layers
+        hold a dropout (the condition's backward would redraw its mask). The subset method keeps its
+        fixed shapes under both."""
         if self.mode == "subset":
             if not inputs:
                 raise ValueError("mode='subset' runs the branch on the kept samples: add_branch needs the branch's "
@@ -181,7 +183,8 @@ class DropPathAdd(_HasDropProbability):
             return self._subset(branch, inputs, residual, parameters)
         if self.mode != "batch" or not self.training:
             return self(branch(*inputs), residual)
-        compiled_skip = torch.compiler.is_compiling() and graph_can_skip()
+        compiled_skip = torch.compiler.is_compiling() and graph_can_skip() and not branch_draws_random(
+            module if module is not None or not isinstance(branch, nn.Module) else branch, submodules)
         if capturing() and not compiled_skip:
             return self(branch(*inputs), residual)
         relu = self.activation == "relu"

@@ -159,3 +159,23 @@ def test_inductor_vit_with_the_default_configuration():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=4)
     apply_drop_path(model, 0.5, stochastic_method="block", drop_distribution="uniform")
     _inductor_steps_match_eager(model.train(), random_tensor((4, 3, 32, 32)))
+
+
+@pytest.mark.parametrize("dropout", [0.5, 0.0])
+def test_a_branch_with_dropout_runs_compiled_so_its_gradient_follows_the_forward_mask(dropout):
+    """``torch.cond``'s backward reruns a kept branch's forward, which would draw another dropout
+    mask: a branch with a training dropout is not put in a condition. With ``W2 = 2 I`` and no bias
+    the branch's output is twice the dropout's, from which the gradient of ``W2`` follows."""
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Linear(16, 16), nn.Dropout(dropout), nn.Linear(16, 16, bias=False))
+    with torch.no_grad():
+        branch[2].weight.copy_(2 * torch.eye(16))
+    model = StochasticDepth(branch, 0.0, mode="batch").train()
+    recorder = GraphRecorder()
+    torch._dynamo.reset()
+    x = random_tensor((8, 16)).requires_grad_()
+    out = torch.compile(model, fullgraph=True, backend=recorder)(x)
+    out.sum().backward()
+    dropped_out = (out - x).detach() / 2
+    torch.testing.assert_close(branch[2].weight.grad, dropped_out.sum(0).expand(16, 16))
+    assert (recorder.conds() > 0) == (dropout == 0.0)
