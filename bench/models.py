@@ -34,7 +34,7 @@ timed the same way against compiled none, with inductor's layout optimization of
 docs/training.md). Each candidate's first step, compilation included, is
 timed apart before the rounds and reported as its compile time (the first step less the median
 step), from an empty inductor cache (a temporary directory, unless ``TORCHINDUCTOR_CACHE_DIR`` is
-set): a warm cache from an earlier run made the compile times of 2026-12-06's first run 1 to 15 s.
+set): a warm one from an earlier run would report cache hits, not compiles.
 """
 from __future__ import annotations
 

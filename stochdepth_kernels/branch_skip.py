@@ -20,7 +20,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from stochdepth_kernels import validation
 from stochdepth_kernels.reference import philox_uniform
 
-__all__ = ["add_kept_branch", "arguments_with", "branch_draws_random", "branch_or_skip_in_graph", "graph_can_skip", "keeps_branch", "running_statistics"]
+__all__ = ["add_kept_branch", "arguments_with", "branch_draws_random", "branch_or_skip_in_graph", "graph_can_skip",
+           "keeps_branch", "running_statistics"]
 
 
 @torch.compiler.assume_constant_result  # run while Dynamo traces: it reads the tracer's state
