@@ -70,15 +70,24 @@ def _draws_random(module: nn.Module) -> bool:
     return type(module).__name__.startswith("DropBlock") and isinstance(rate, (int, float)) and rate > 0
 
 
-def branch_draws_random(module: nn.Module | None, submodules: tuple[str, ...] | None) -> bool:
-    """Whether the branch's layers (``module``'s attributes ``submodules``, None: all of it) hold a
-    module that draws random numbers. ``torch.cond``'s backward reruns the kept branch's forward,
-    which would draw them anew: the gradient would follow other dropout masks than the forward's. A
-    branch that draws them outside such a module (``F.dropout`` in a forward) is not seen."""
+def _owners(module, submodules: tuple[str, ...] | None) -> list[tuple[str, object]]:
+    """``(name, value)`` of ``module``'s attributes ``submodules`` (None: ``("", module)``; ``module``
+    None: none)."""
     if module is None:
-        return False
-    owners = [operator.attrgetter(owner)(module) for owner in submodules] if submodules is not None else [module]
-    return any(_draws_random(layer) for owner in owners if isinstance(owner, nn.Module) for layer in owner.modules())
+        return []
+    if submodules is None:
+        return [("", module)]
+    return [(owner, operator.attrgetter(owner)(module)) for owner in submodules]
+
+
+def branch_draws_random(module, submodules: tuple[str, ...] | None) -> bool:
+    """Whether the branch's layers (``module``'s attributes ``submodules``, None: all of it; a
+    ``module`` that is a plain function holds none) hold a module that draws random numbers.
+    ``torch.cond``'s backward reruns the kept branch's forward, which would draw them anew: the
+    gradient would follow other dropout masks than the forward's. A branch that draws them outside
+    such a module (``F.dropout`` in a forward) is not seen."""
+    return any(_draws_random(layer) for _, owner in _owners(module, submodules) if isinstance(owner, nn.Module)
+               for layer in owner.modules())
 
 
 def _is_running_statistic(name: str) -> bool:
@@ -94,11 +103,8 @@ def running_statistics(module: nn.Module | None, submodules: tuple[str, ...] | N
     of ``module`` as a whole). Other buffers are constants of a branch: copying them back would bump
     their version under autograd, which may have saved them (a shortcut's BatchNorm, outside the
     branch, saves its statistics too)."""
-    if module is None:
-        return {}
     found = {}
-    for owner in submodules if submodules is not None else ("",):
-        value = operator.attrgetter(owner)(module) if owner else module
+    for owner, value in _owners(module, submodules):
         if isinstance(value, nn.Module):
             prefix = f"{owner}." if owner else ""
             found.update((prefix + name, buffer) for name, buffer in value.named_buffers()

@@ -184,7 +184,7 @@ class DropPathAdd(_HasDropProbability):
         if self.mode != "batch" or not self.training:
             return self(branch(*inputs), residual)
         compiled_skip = torch.compiler.is_compiling() and graph_can_skip() and not branch_draws_random(
-            module if module is not None or not isinstance(branch, nn.Module) else branch, submodules)
+            module if module is not None else branch, submodules)
         if capturing() and not compiled_skip:
             return self(branch(*inputs), residual)
         relu = self.activation == "relu"

@@ -31,10 +31,7 @@ def test_environment_override_beats_the_size_rule(monkeypatch):
     assert resolve_backend("auto", CUDA, 2**30) is BACKENDS["reference"]
 
 
-def _compiled_graph_targets(fn, *args) -> list[str]:
-    recorder = GraphRecorder()
-    torch._dynamo.reset()
-    torch.compile(fn, backend=recorder, fullgraph=True)(*args)
+def _targets(recorder: GraphRecorder) -> list[str]:
     return [str(node.target) for graph in recorder.graphs for node in graph.graph.nodes]
 
 
@@ -44,19 +41,22 @@ def test_auto_under_torch_compile_on_the_cpu_is_the_reference_inductor_can_fuse(
     def add(x, residual, backend="auto"):
         return fused_drop_path_add(x, residual, 0.5, activation="relu", backend=backend)
 
+    recorder = GraphRecorder()
     torch._dynamo.reset()
-    compiled = torch.compile(add, backend=GraphRecorder(), fullgraph=True)
+    compiled = torch.compile(add, backend=recorder, fullgraph=True)
     for seed in range(3):
         torch.manual_seed(seed)
         got = compiled(x, residual)
         torch.manual_seed(seed)
         assert torch.equal(got, add(x, residual, backend="reference"))
-    targets = _compiled_graph_targets(add, x, residual)
+    targets = _targets(recorder)
     assert targets and not any("stochdepth" in target for target in targets)
 
 
 def test_auto_under_torch_compile_keeps_the_subset_kernels():
     linear = torch.nn.Linear(4, 4)
     h = random_tensor((8, 4))
-    targets = _compiled_graph_targets(lambda h: drop_path_add_subset(linear, (h,), h, 0.5), h)
-    assert any("stochdepth" in target for target in targets)
+    recorder = GraphRecorder()
+    torch._dynamo.reset()
+    torch.compile(lambda h: drop_path_add_subset(linear, (h,), h, 0.5), backend=recorder, fullgraph=True)(h)
+    assert any("stochdepth" in target for target in _targets(recorder))
