@@ -1,6 +1,8 @@
 """The CUDA kernels run on the CPU (tests/cuda_kernel_on_cpu.cpp builds them with a sequential
 launcher) as a backend the tests can select, so CI checks the kernels' indexing without a GPU."""
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,10 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @functools.cache
 def backend() -> Backend:
-    """Builds the simulator (~10 s; a fresh directory, so an edited header is never a stale build)."""
+    """Builds the simulator (~10 s; a fresh directory, so an edited header is never a stale build; removed
+    when the process ends)."""
+    directory = tempfile.mkdtemp(prefix="cuda_kernel_on_cpu_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     cpp_extension.load(name="stochdepth_cuda_kernel_on_cpu", sources=[str(ROOT / "tests" / "cuda_kernel_on_cpu.cpp")],
                        extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], is_python_module=False,
-                       build_directory=tempfile.mkdtemp(prefix="cuda_kernel_on_cpu_"))
+                       build_directory=directory)
     ops = torch.ops.stochdepth_cuda_on_cpu
     registered = (ops.drop_path_add.default, ops.drop_path.default, ops.drop_path_add_relu_backward.default)
     subset = (ops.subset_add.default, ops.subset_gather.default, ops.subset_add_relu_backward.default)
