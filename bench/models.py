@@ -48,6 +48,7 @@ from pathlib import Path
 import timm
 import torch
 import torch._inductor.config
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir, temporary_cache_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import run_and_write
@@ -214,17 +215,16 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT
 
 @contextlib.contextmanager
 def cold_inductor_cache():
-    """A fresh, empty inductor cache directory for the block (unless ``TORCHINDUCTOR_CACHE_DIR`` is
-    set), so that compile times are a first compile's, not a cache hit of an earlier run's."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    """A fresh, empty inductor cache directory for the block, so that compile times are a first
+    compile's, not a cache hit of an earlier run's; a ``TORCHINDUCTOR_CACHE_DIR`` the user chose is
+    kept. Inductor writes its default directory into that variable when it first looks (importing
+    this package does), so only a directory other than the default counts as chosen."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as directory:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
-        try:
-            yield
-        finally:
-            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as directory, temporary_cache_dir(directory):
+        yield
 
 
 def run(args) -> dict:
