@@ -5,6 +5,7 @@ Each backend is the same two callables with the ops' arguments: the native ``sto
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 
 from stochdepth_kernels import _C, reference
-from stochdepth_kernels.ops import NATIVE_EAGER, NATIVE_GATHER_ROWS, NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA, ops
+from stochdepth_kernels.ops import (NATIVE_EAGER, NATIVE_GATHER_ROWS, NATIVE_SUBSET_TRACED, NATIVE_TRACED, WITH_CUDA,
+                                    native_row_factors, ops)
 
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
@@ -67,8 +69,9 @@ _NATIVE_SUBSET_EAGER = (ops.subset_rows.default, *NATIVE_EAGER[2:])
 _NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED, NATIVE_GATHER_ROWS)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
 _REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add, reference.gather_rows)
+_CPU = ("cpu", ("cpu",))
 BACKENDS = {
-    "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
+    "cpu": Backend(*_CPU, NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
     "reference": Backend("reference", None, _REFERENCE, _REFERENCE, _REFERENCE_SUBSET, _REFERENCE_SUBSET),
 }
 if WITH_CUDA:
@@ -87,13 +90,19 @@ if importlib.util.find_spec("triton") is not None:
 # time per call: ViT-B/16 fp32 forward+backward 0.46 ms against Triton's 0.74), Triton above it (its
 # kernels run at 97-101 % of the copy rate, the CUDA kernel's at 92-93 % in fp32 and ~80 % in bf16:
 # ResNet-50 stage 1 at batch 256, bf16, 1.01 ms against 1.24).
-# Under torch.compile on the CPU, "auto" is the reference for drop_path_add and drop_path: inductor fuses
-# its mask, scale, add and ReLU into the kernel that computes the branch's last layer, which an opaque
-# kernel cannot join. Compiled ResNet-50 training step, sample-wise 0.1 against timm's DropPath
-# (bench/results/amd-epyc-2threads/models_compiled.md): the CPU kernel +3.5 % ± 1.6, the reference
-# -1.1 % ± 2.3. Not for the subset method, whose gather and scatter the reference does in more passes:
-# with it, compiled ResNet-50 subset 0.4 went from 7 % faster than none to 34 % slower. On CUDA the
-# kernels stay until the GPU check measures the same comparison.
+# Under torch.compile on the CPU, "auto" takes CPU_FUSED_BY_INDUCTOR for drop_path_add and drop_path: the CPU
+# kernel draws the row factors (one opaque op on the batch's values) and the rest is the reference's
+# arithmetic, which inductor fuses into the kernel of the branch's last layer; the fused CPU kernel, opaque,
+# cannot join it. Compiled ResNet-50 training step, sample-wise 0.1 against timm's DropPath
+# (bench/results/amd-epyc-2threads/models_compiled.md, docs/backends.md): the fused CPU kernel +3.5 % ± 1.6,
+# this +0.5 % ± 1.3. The whole reference fused as well but compiled in 96 s against this one's 33 s
+# (inductor inlines its Philox rounds into every loop that reads the factors). Not for the subset method, whose gather and scatter the reference does in more
+# passes: with it, compiled ResNet-50 subset 0.4 went from 7 % faster than none to 34 % slower. On CUDA
+# the kernels stay until the GPU check measures the same comparison.
+CPU_FUSED_BY_INDUCTOR = Backend(
+    *_CPU, (functools.partial(reference.drop_path_add, factors_of=native_row_factors),
+            functools.partial(reference.drop_path, factors_of=native_row_factors)),
+    _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER)
 AUTO_ORDER = tuple(name for name in ("cpu", "cuda", "triton", "reference") if name in BACKENDS)
 TRITON_FROM_BYTES = 256 * 2**20
 if {"cuda", "triton"} <= set(BACKENDS):
@@ -123,11 +132,8 @@ def _backends_on(device_type: str) -> tuple[str, ...]:
     return _names_on(device_type) if names is None else names
 
 
-def auto_backend(device: torch.device, size_bytes: int = 0, elementwise: bool = False) -> str:
-    """The backend ``"auto"`` picks for a tensor of ``size_bytes`` on ``device`` (rules above);
-    ``elementwise``: for ``drop_path_add`` / ``drop_path``, not the subset method."""
-    if elementwise and device.type == "cpu" and torch.compiler.is_compiling():
-        return "reference"
+def auto_backend(device: torch.device, size_bytes: int = 0) -> str:
+    """The backend ``"auto"`` picks for a tensor of ``size_bytes`` on ``device`` (rules above)."""
     names = _backends_on(device.type)
     if device.type == "cuda" and size_bytes >= TRITON_FROM_BYTES and {"cuda", "triton"} <= set(names):
         return "triton"
@@ -136,12 +142,17 @@ def auto_backend(device: torch.device, size_bytes: int = 0, elementwise: bool = 
 
 def resolve_backend(name: str, device: torch.device, size_bytes: int = 0, elementwise: bool = False) -> Backend:
     """The backend called ``name`` (``"auto"``: ``$STOCHDEPTH_BACKEND`` if set, else
-    :func:`auto_backend` for a tensor of ``size_bytes``), checked to run on ``device``."""
+    :func:`auto_backend` for a tensor of ``size_bytes``), checked to run on ``device``;
+    ``elementwise``: for ``drop_path_add`` / ``drop_path`` (under torch.compile, "auto" on the CPU
+    is then CPU_FUSED_BY_INDUCTOR), not the subset method."""
     if name == "auto":
         name = os.environ.get(BACKEND_ENV, "auto")
         source = f"{BACKEND_ENV}={name!r}"
         if name == "auto":
-            return BACKENDS[auto_backend(device, size_bytes, elementwise)]
+            name = auto_backend(device, size_bytes)
+            if elementwise and name == "cpu" and torch.compiler.is_compiling():
+                return CPU_FUSED_BY_INDUCTOR
+            return BACKENDS[name]
     else:
         source = f"backend={name!r}"
     if name not in BACKENDS:

@@ -91,11 +91,12 @@ def _broadcast_rows(factors: Tensor, like: Tensor) -> Tensor:
 
 
 def drop_path_add(x: Tensor, residual: Tensor, seed: Tensor | None, p: Tensor, training: bool,
-                  mode: str, scale_by_keep: bool, relu: bool) -> Tensor:
-    """``act(residual + factor_b * x)``; a dropped row is exactly ``act(residual)``."""
+                  mode: str, scale_by_keep: bool, relu: bool, factors_of=row_factors) -> Tensor:
+    """``act(residual + factor_b * x)``; a dropped row is exactly ``act(residual)``. ``factors_of``:
+    a function with :func:`row_factors`' arguments and values."""
     out_dtype = torch.promote_types(x.dtype, residual.dtype)  # result_type of two tensors of one shape, traceable
     acc = _accumulate_dtype(out_dtype)
-    factors = row_factors(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
+    factors = factors_of(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
     f = _broadcast_rows(factors, x)
     r = residual.to(acc)
     value = torch.where(f == 0, r, r + f * x.to(acc))
@@ -105,11 +106,11 @@ def drop_path_add(x: Tensor, residual: Tensor, seed: Tensor | None, p: Tensor, t
 
 
 def drop_path(x: Tensor, seed: Tensor | None, p: Tensor, training: bool, mode: str,
-              scale_by_keep: bool, out_dtype: torch.dtype | None = None) -> Tensor:
-    """``factor_b * x``; a dropped row is exactly 0."""
+              scale_by_keep: bool, out_dtype: torch.dtype | None = None, factors_of=row_factors) -> Tensor:
+    """``factor_b * x``; a dropped row is exactly 0. ``factors_of``: as for :func:`drop_path_add`."""
     out_dtype = out_dtype or x.dtype
     acc = _accumulate_dtype(torch.promote_types(x.dtype, out_dtype))
-    factors = row_factors(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
+    factors = factors_of(seed, x.shape[0], p, training, mode, scale_by_keep, acc, x.device)
     f = _broadcast_rows(factors, x)
     value = torch.where(f == 0, 0.0, f * x.to(acc))
     return torch.empty_like(x, dtype=out_dtype).copy_(value)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from helpers import GraphRecorder, random_tensor
 
-from stochdepth_kernels import drop_path_add_subset, fused_drop_path_add
+from stochdepth_kernels import drop_path_add_subset, fused_drop_path_add, reference
 from stochdepth_kernels.backends import BACKENDS, TRITON_FROM_BYTES, auto_backend, resolve_backend
+from stochdepth_kernels.ops import native_row_factors
 
 CUDA = torch.device("cuda")
 
@@ -35,7 +36,18 @@ def _targets(recorder: GraphRecorder) -> list[str]:
     return [str(node.target) for graph in recorder.graphs for node in graph.graph.nodes]
 
 
-def test_auto_under_torch_compile_on_the_cpu_is_the_reference_inductor_can_fuse():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("scale_by_keep", [True, False])
+def test_the_cpu_kernel_draws_the_reference_row_factors(dtype, mode, p, training, scale_by_keep):
+    seed = torch.randint(0, 2**62, (1,)) if training else None
+    args = (seed, 37, torch.tensor(p, dtype=torch.float64), training, mode, scale_by_keep, dtype, torch.device("cpu"))
+    assert torch.equal(native_row_factors(*args), reference.row_factors(*args))
+
+
+def test_auto_under_torch_compile_on_the_cpu_leaves_the_arithmetic_to_inductor():
     x, residual = random_tensor((8, 4, 3, 3)), random_tensor((8, 4, 3, 3))
 
     def add(x, residual, backend="auto"):
@@ -49,8 +61,9 @@ def test_auto_under_torch_compile_on_the_cpu_is_the_reference_inductor_can_fuse(
         got = compiled(x, residual)
         torch.manual_seed(seed)
         assert torch.equal(got, add(x, residual, backend="reference"))
-    targets = _targets(recorder)
-    assert targets and not any("stochdepth" in target for target in targets)
+    # The CPU kernel draws the factors; the mask, scale, add and ReLU are plain ops inductor can fuse.
+    stochdepth_ops = [target for target in _targets(recorder) if "stochdepth" in target]
+    assert stochdepth_ops == ["stochdepth.drop_path.default"] * len(recorder.graphs)
 
 
 def test_auto_under_torch_compile_keeps_the_subset_kernels():
