@@ -33,8 +33,8 @@ timed the same way against compiled none, with inductor's layout optimization of
 (it breaks the ``torch.cond`` that the block-wise skip compiles to in convolutional models:
 docs/training.md). Each candidate's first step, compilation included, is
 timed apart before the rounds and reported as its compile time (the first step less the median
-step), from an empty inductor cache (a temporary directory, unless ``TORCHINDUCTOR_CACHE_DIR`` is
-set): a warm one from an earlier run would report cache hits, not compiles.
+step), from an empty inductor cache (a temporary directory, unless ``TORCHINDUCTOR_CACHE_DIR`` names
+another than inductor's default): a warm one from an earlier run would report cache hits, not compiles.
 """
 from __future__ import annotations
 

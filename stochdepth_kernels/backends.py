@@ -5,10 +5,10 @@ Each backend is the same two callables with the ops' arguments: the native ``sto
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,7 +20,7 @@ from stochdepth_kernels.ops import (NATIVE_EAGER, NATIVE_GATHER_ROWS, NATIVE_SUB
 BACKEND_ENV = "STOCHDEPTH_BACKEND"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Backend:
     """``drop_path_add`` and ``drop_path`` with the ops' arguments (``drop_path_add`` returns the output
     alone), in two forms: ``traced``, what torch.compile sees (the registered ``torch.library`` ops),
@@ -69,9 +69,8 @@ _NATIVE_SUBSET_EAGER = (ops.subset_rows.default, *NATIVE_EAGER[2:])
 _NATIVE_SUBSET_TRACED = (ops.subset_rows.default, NATIVE_SUBSET_TRACED, NATIVE_GATHER_ROWS)
 _REFERENCE = (reference.drop_path_add, reference.drop_path)
 _REFERENCE_SUBSET = (reference.subset_rows, reference.subset_add, reference.gather_rows)
-_CPU = ("cpu", ("cpu",))
 BACKENDS = {
-    "cpu": Backend(*_CPU, NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
+    "cpu": Backend("cpu", ("cpu",), NATIVE_TRACED, _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER),
     "reference": Backend("reference", None, _REFERENCE, _REFERENCE, _REFERENCE_SUBSET, _REFERENCE_SUBSET),
 }
 if WITH_CUDA:
@@ -90,19 +89,19 @@ if importlib.util.find_spec("triton") is not None:
 # time per call: ViT-B/16 fp32 forward+backward 0.46 ms against Triton's 0.74), Triton above it (its
 # kernels run at 97-101 % of the copy rate, the CUDA kernel's at 92-93 % in fp32 and ~80 % in bf16:
 # ResNet-50 stage 1 at batch 256, bf16, 1.01 ms against 1.24).
-# Under torch.compile on the CPU, "auto" takes CPU_FUSED_BY_INDUCTOR for drop_path_add and drop_path: the CPU
-# kernel draws the row factors (one opaque op on the batch's values) and the rest is the reference's
-# arithmetic, which inductor fuses into the kernel of the branch's last layer; the fused CPU kernel, opaque,
-# cannot join it. Compiled ResNet-50 training step, sample-wise 0.1 against timm's DropPath
-# (bench/results/amd-epyc-2threads/models_compiled.md, docs/backends.md): the fused CPU kernel +3.5 % ± 1.6,
-# this +0.5 % ± 1.3. The whole reference fused as well but compiled in 96 s against this one's 33 s
-# (inductor inlines its Philox rounds into every loop that reads the factors). Not for the subset method, whose gather and scatter the reference does in more
-# passes: with it, compiled ResNet-50 subset 0.4 went from 7 % faster than none to 34 % slower. On CUDA
-# the kernels stay until the GPU check measures the same comparison.
-CPU_FUSED_BY_INDUCTOR = Backend(
-    *_CPU, (functools.partial(reference.drop_path_add, factors_of=native_row_factors),
-            functools.partial(reference.drop_path, factors_of=native_row_factors)),
-    _NATIVE_EAGER, _NATIVE_SUBSET_TRACED, _NATIVE_SUBSET_EAGER)
+# Under torch.compile on the CPU, "auto" takes CPU_FUSED_BY_INDUCTOR for drop_path_add and drop_path: the
+# CPU kernel draws the row factors (one opaque op on the batch's values) and the rest is the reference's
+# arithmetic, which inductor fuses into the kernel of the branch's last layer; the fused CPU kernel,
+# opaque, cannot join it. Compiled ResNet-50 training step, sample-wise 0.1 against timm's DropPath
+# (bench/results/amd-epyc-2threads/models_compiled.md, docs/backends.md): the fused CPU kernel
+# +3.5 % ± 1.6, this +0.5 % ± 1.3. The whole reference fused as well but compiled in 96 s against this
+# one's 33 s (inductor inlines its Philox rounds into every loop that reads the factors). Not for the
+# subset method, whose gather and scatter the reference does in more passes: with it, compiled
+# ResNet-50 subset 0.4 went from 7 % faster than none to 34 % slower. On CUDA the kernels stay until
+# the GPU check measures the same comparison.
+CPU_FUSED_BY_INDUCTOR = dataclasses.replace(
+    BACKENDS["cpu"], traced=(functools.partial(reference.drop_path_add, factors_of=native_row_factors),
+                             functools.partial(reference.drop_path, factors_of=native_row_factors)))
 AUTO_ORDER = tuple(name for name in ("cpu", "cuda", "triton", "reference") if name in BACKENDS)
 TRITON_FROM_BYTES = 256 * 2**20
 if {"cuda", "triton"} <= set(BACKENDS):

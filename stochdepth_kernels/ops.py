@@ -337,8 +337,6 @@ def records_graph(*inputs) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
-# The native ops' eager entry points (C++ autograd, csrc/eager_autograd.h): drop_path_add, drop_path,
-# subset_add and gather_rows with the arguments of their Backend slots.
 def native_row_factors(seed: Tensor | None, batch: int, p: Tensor, training: bool, mode: str,
                        scale_by_keep: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
     """:func:`stochdepth_kernels.reference.row_factors`' values (fp32 or fp64) from the native
@@ -349,6 +347,8 @@ def native_row_factors(seed: Tensor | None, batch: int, p: Tensor, training: boo
                                  scale_by_keep, dtype)
 
 
+# The native ops' eager entry points (C++ autograd, csrc/eager_autograd.h): drop_path_add, drop_path,
+# subset_add and gather_rows with the arguments of their Backend slots.
 NATIVE_EAGER = (_C.drop_path_add, _C.drop_path, _C.subset_add, _C.gather_rows)
 # (drop_path_add, drop_path) of the native backends as torch.compile traces them, and their subset add.
 NATIVE_TRACED = register_drop_path_autograd(ops.drop_path_add.default, ops.drop_path.default,
