@@ -17,7 +17,10 @@ candidates of one model timed round-robin:
 Two controls, run only when named (``--variant all-kept one-less``), tell where a subset saving goes:
 ``all-kept`` is the subset model with every row kept (the method's mechanics at no skipped work: its
 own cost; bench/subset_controls.py), ``one-less`` the model without stochastic depth on one sample
-fewer (what dropping a sample in every block could save at most).
+fewer (what dropping a sample in every block could save at most). Two more split a block-wise
+saving in its parts: ``block-kept`` is the block-wise model with every block at rate 0 (what the
+skip costs where it runs the branch; compiled, a kept block inside its ``torch.cond``) and
+``block-dropped`` the same at rate 1 (what skipping every branch saves).
 
 A skipping variant's saving is compared with what it can be: the expected share of the model's
 FLOPs that skipping removes, the sum over stochastic-depth modules of ``rate * (FLOPs with the
@@ -43,11 +46,14 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
 import torch._inductor.config
+from torch import nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir, temporary_cache_dir
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,26 +82,42 @@ SAMPLE, BLOCK = f"stochdepth sample-wise, {SAMPLE_RATE}", f"stochdepth block-wis
 SUBSET, SUBSET_HIGH = f"stochdepth subset, {SAMPLE_RATE}", f"stochdepth subset, {HIGH_RATE}"
 DINOV2, DINOV2_HIGH = f"DINOv2-style subset, {SAMPLE_RATE}", f"DINOv2-style subset, {HIGH_RATE}"
 ALL_KEPT, ONE_LESS = "control: subset, every row kept", "control: none, one sample fewer"
-# name: (command-line id, timm's drop_path_rate at build, surgery's stochastic_method or None, its rate,
-# what replaces the surgery's modules: None, use_dinov2_subset or use_all_rows_kept)
+BLOCK_KEPT, BLOCK_DROPPED = "control: block-wise, every block kept", "control: block-wise, every block dropped"
+
+
+class Variant(NamedTuple):
+    """A variant's command-line id, timm's ``drop_path_rate`` at build, surgery's ``stochastic_method``
+    (None: no surgery), its rate and ``drop_distribution``, and what then replaces the surgery's
+    modules (None, ``use_dinov2_subset`` or ``use_all_rows_kept``)."""
+    identifier: str
+    timm_rate: float
+    method: str | None = None
+    rate: float = 0.0
+    replace: Callable[[nn.Module], int] | None = None
+    distribution: str = "linear"
+
+
 VARIANTS = {
-    NONE: ("none", 0.0, None, 0.0, None),
-    TIMM: ("timm", SAMPLE_RATE, None, 0.0, None),
-    TIMM_HIGH: ("timm-0.4", HIGH_RATE, None, 0.0, None),
-    SAMPLE: ("sample", 0.0, "sample", SAMPLE_RATE, None),
-    BLOCK: ("block", 0.0, "block", BLOCK_RATE, None),
-    SUBSET: ("subset", 0.0, "subset", SAMPLE_RATE, None),
-    SUBSET_HIGH: ("subset-0.4", 0.0, "subset", HIGH_RATE, None),
-    DINOV2: ("dinov2", 0.0, "subset", SAMPLE_RATE, use_dinov2_subset),
-    DINOV2_HIGH: ("dinov2-0.4", 0.0, "subset", HIGH_RATE, use_dinov2_subset),
-    ALL_KEPT: ("all-kept", 0.0, "subset", SAMPLE_RATE, use_all_rows_kept),
-    ONE_LESS: ("one-less", 0.0, None, 0.0, None),
+    NONE: Variant("none", 0.0),
+    TIMM: Variant("timm", SAMPLE_RATE),
+    TIMM_HIGH: Variant("timm-0.4", HIGH_RATE),
+    SAMPLE: Variant("sample", 0.0, "sample", SAMPLE_RATE),
+    BLOCK: Variant("block", 0.0, "block", BLOCK_RATE),
+    SUBSET: Variant("subset", 0.0, "subset", SAMPLE_RATE),
+    SUBSET_HIGH: Variant("subset-0.4", 0.0, "subset", HIGH_RATE),
+    DINOV2: Variant("dinov2", 0.0, "subset", SAMPLE_RATE, use_dinov2_subset),
+    DINOV2_HIGH: Variant("dinov2-0.4", 0.0, "subset", HIGH_RATE, use_dinov2_subset),
+    ALL_KEPT: Variant("all-kept", 0.0, "subset", SAMPLE_RATE, use_all_rows_kept),
+    ONE_LESS: Variant("one-less", 0.0),
+    BLOCK_KEPT: Variant("block-kept", 0.0, "block", 0.0, distribution="uniform"),
+    BLOCK_DROPPED: Variant("block-dropped", 0.0, "block", 1.0, distribution="uniform"),
 }
-BY_ID = {spec[0]: name for name, spec in VARIANTS.items()}
-CONTROLS = (ALL_KEPT, ONE_LESS)
+BY_ID = {variant.identifier: name for name, variant in VARIANTS.items()}
+CONTROLS = (ALL_KEPT, ONE_LESS, BLOCK_KEPT, BLOCK_DROPPED)
 DEFAULT_VARIANTS = tuple(name for name in VARIANTS if name not in CONTROLS)
 # The variants whose dropped work is skipped, and the variant whose modules give its expected share.
-SKIPPING = {BLOCK: BLOCK, SUBSET: SUBSET, SUBSET_HIGH: SUBSET_HIGH, DINOV2: SUBSET, DINOV2_HIGH: SUBSET_HIGH}
+SKIPPING = {BLOCK: BLOCK, SUBSET: SUBSET, SUBSET_HIGH: SUBSET_HIGH, DINOV2: SUBSET, DINOV2_HIGH: SUBSET_HIGH,
+            BLOCK_DROPPED: BLOCK_DROPPED}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,8 +127,8 @@ def parse_args(argv=None):
                         help="models to run (default: ResNet-50 and ViT-S/16 on a CPU, ResNet-50 and ViT-B/16 on a GPU; "
                              "also Swin-T, EVA-02-Ti and CaiT-XXS24)")
     parser.add_argument("--variant", nargs="+", choices=list(BY_ID),
-                        help="variants to run (default: all but the controls all-kept and one-less; 'none' always "
-                             "runs, the others compare with it)")
+                        help="variants to run (default: all but the controls all-kept, one-less, block-kept and "
+                             "block-dropped; 'none' always runs, the others compare with it)")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--samples", type=int, default=None, help="steps timed per candidate (default 15)")
@@ -119,14 +141,14 @@ def parse_args(argv=None):
 
 def build(model_name: str, image_size: int, device, stochastic: str = NONE):
     """The model (same weights for every variant) with stochastic depth ``stochastic`` (a VARIANTS name)."""
-    _, timm_rate, method, rate, replace = VARIANTS[stochastic]
+    variant = VARIANTS[stochastic]
     torch.manual_seed(0)
     options = {"img_size": image_size} if model_name.startswith(SIZED_PREFIXES) else {}
-    model = timm.create_model(model_name, drop_path_rate=timm_rate, **options).to(device).train()
-    if method is not None:
-        apply_drop_path(model, rate, stochastic_method=method)
-    if replace is not None:
-        replace(model)
+    model = timm.create_model(model_name, drop_path_rate=variant.timm_rate, **options).to(device).train()
+    if variant.method is not None:
+        apply_drop_path(model, variant.rate, stochastic_method=variant.method, drop_distribution=variant.distribution)
+    if variant.replace is not None:
+        variant.replace(model)
     return model
 
 
@@ -210,7 +232,24 @@ def bench_model(model_name: str, x: torch.Tensor, samples: int, variants=DEFAULT
     result = {"rows": rows}
     if TIMM in timings and SAMPLE in timings:  # the fused op against the unfused chain it replaces
         result["sample_vs_timm"] = paired_change(timings[SAMPLE], timings[TIMM])
+    if {BLOCK, BLOCK_KEPT, BLOCK_DROPPED} <= timings.keys():
+        by_name = {row["name"]: row for row in rows}
+        result["block_saving_from_controls"] = block_saving_from_controls(
+            by_name[BLOCK_KEPT]["paired_change_vs_none"], by_name[BLOCK_DROPPED]["paired_change_vs_none"],
+            fractions[BLOCK_DROPPED], fractions[BLOCK])
     return result
+
+
+def block_saving_from_controls(kept_change: float, dropped_change: float, branch_share: float,
+                               skipped_share: float) -> float:
+    """The share of ``skipped_share`` (the FLOPs the block-wise rates skip on average) that the block-wise
+    variant saves, as the two controls predict it: every block kept changes the step by ``kept_change``,
+    every block dropped (``branch_share`` of the FLOPs skipped) by ``dropped_change``, each taken
+    proportional to the branches' FLOPs: the skipped share saves its part of the dropped saving, the
+    kept share (``branch_share - skipped_share``) costs its part of the kept cost."""
+    saved = -dropped_change * skipped_share / branch_share
+    cost = kept_change * (branch_share - skipped_share) / branch_share
+    return (saved - cost) / skipped_share
 
 
 @contextlib.contextmanager
@@ -266,6 +305,9 @@ def markdown(result: dict) -> str:
         if "sample_vs_timm" in model:
             change, interval = model["sample_vs_timm"]
             lines += ["", f"{SAMPLE} against {TIMM}, paired by round: {100 * change:+.1f}% ± {100 * interval:.1f}"]
+        if "block_saving_from_controls" in model:
+            lines += ["", f"{BLOCK}, its saving / expected as the two block controls predict it (kept cost and dropped "
+                          f"saving proportional to the branches' FLOPs): {100 * model['block_saving_from_controls']:.0f}%"]
     return "\n".join(lines)
 
 

@@ -93,6 +93,41 @@ def test_controls_run_only_when_named():
     assert not any("expected_skipped_flops_fraction" in row for row in result["rows"])
 
 
+def test_block_controls_keep_or_drop_every_block_through_the_skip():
+    """block-kept and block-dropped: the block-wise model (batch mode, one module a block) with every
+    block at rate 0 or 1; only the dropped one skips work, all of its branches' share."""
+    assert models.BLOCK_KEPT not in models.DEFAULT_VARIANTS and models.BLOCK_DROPPED not in models.DEFAULT_VARIANTS
+    for name, rate in ((models.BLOCK_KEPT, 0.0), (models.BLOCK_DROPPED, 1.0)):
+        drops = [m for m in models.build("resnet50", 32, torch.device("cpu"), name).modules()
+                 if isinstance(m, DropPathAdd)]
+        assert len(drops) == 16 and {(m.mode, m.drop_prob) for m in drops} == {("batch", rate)}
+    x = torch.randn(3, 3, 32, 32)
+    result = models.bench_model("resnet18", x, 1, (models.BLOCK, models.BLOCK_KEPT, models.BLOCK_DROPPED))
+    rows = {row["name"]: row for row in result["rows"]}
+    assert "expected_skipped_flops_fraction" not in rows[models.BLOCK_KEPT]
+    dropped = models.build("resnet18", 32, torch.device("cpu"), models.BLOCK_DROPPED)
+    total = models._forward_flops(models.build("resnet18", 32, torch.device("cpu")), x[:2])
+    shortcuts_only = models._forward_flops(dropped, x[:2])
+    assert rows[models.BLOCK_DROPPED]["expected_skipped_flops_fraction"] == pytest.approx(1 - shortcuts_only / total)
+    assert 2 * rows[models.BLOCK]["expected_skipped_flops_fraction"] < rows[models.BLOCK_DROPPED][
+        "expected_skipped_flops_fraction"] < 1
+    assert "block_saving_from_controls" in result
+
+
+def test_block_controls_predict_the_block_wise_saving_per_flop_share():
+    """Kept blocks cost nothing and dropped ones save their share: all of the expected saving; a kept
+    cost counts with the share of the branches' FLOPs the rates keep."""
+    assert models.block_saving_from_controls(0.0, -0.9, 0.9, 0.3) == pytest.approx(1.0)
+    assert models.block_saving_from_controls(0.0, -0.45, 0.9, 0.3) == pytest.approx(0.5)
+    assert models.block_saving_from_controls(0.1, -0.9, 0.9, 0.3) == pytest.approx((0.3 - 0.1 * 0.6 / 0.9) / 0.3)
+    row = {"median_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "change_vs_none": 0.0, "mean_change_vs_none": 0.0,
+           "paired_change_vs_none": 0.0, "paired_change_ci95": 0.0}
+    result = {"device": "cpu", "device_type": "cpu", "threads": 2, "torch": "2.x", "date": "today",
+              "command": "python -m bench.models", "batch": 8, "image_size": 128, "samples": 3,
+              "models": {"ResNet-50": {"rows": [{"name": models.NONE, **row}], "block_saving_from_controls": 0.256}}}
+    assert "as the two block controls predict it" in models.markdown(result) and "FLOPs): 26%" in models.markdown(result)
+
+
 def test_compiled_steps_report_their_compile_time_apart(monkeypatch):
     """``--compile``: every candidate compiled (here AOT autograd without code generation, for speed),
     its first step timed before the rounds; the table gains the compile column."""
@@ -141,7 +176,7 @@ def test_models_default_per_device_and_can_be_chosen(capsys):
     assert models.parse_args(["--model", "ViT-B/16"]).model == ["ViT-B/16"]
     assert models.parse_args(["--model", "Swin-T"]).model == ["Swin-T"]
     assert models.parse_args(["--variant", "subset-0.4", "dinov2-0.4"]).variant == ["subset-0.4", "dinov2-0.4"]
-    assert sorted(models.BY_ID) == sorted(spec[0] for spec in models.VARIANTS.values())
+    assert sorted(models.BY_ID) == sorted(variant.identifier for variant in models.VARIANTS.values())
     from bench.gpu_check import TRAINING_VARIANTS
     assert set(TRAINING_VARIANTS) <= set(models.BY_ID)
     with pytest.raises(SystemExit):
